@@ -1,0 +1,188 @@
+"""The command line: parse, load config, call the library, draw progress, map errors to exit codes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import traceback
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from mailsync import __version__
+from mailsync import config as config_mod
+from mailsync.errors import ConfigError, ConnectionLost, MailsyncError, PartialFailure
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Keep a local Maildir in step with your mail servers.")
+
+_opts: dict = {}
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+def _fail(exc: BaseException, debug: bool) -> None:
+    if isinstance(exc, MailsyncError):
+        if debug:
+            traceback.print_exc()
+        typer.echo(f"mailsync: error: {exc}", err=True)
+        raise typer.Exit(exc.exit_code)
+    if debug:
+        traceback.print_exc()
+    typer.echo(f"mailsync: internal error: {type(exc).__name__}: {exc} "
+               "(please report it; run with --debug for details)", err=True)
+    raise typer.Exit(1)
+
+
+@app.callback()
+def main_options(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Config file (default: $MAILSYNC_CONFIG or "
+                                          "$XDG_CONFIG_HOME/mailsync/config.toml)."),
+    debug: bool = typer.Option(False, "--debug", help="Log what happens, show tracebacks (never passwords)."),
+    version: bool = typer.Option(False, "--version", help="Print the version and exit."),
+) -> None:
+    if version:
+        typer.echo(f"mailsync {__version__}")
+        raise typer.Exit(0)
+    _opts["config"] = config
+    _opts["debug"] = debug
+
+
+class _Bars:
+    """tqdm bars (messages and bytes) when stderr is a terminal."""
+
+    def __init__(self) -> None:
+        from tqdm import tqdm
+        self.msgs = tqdm(total=0, unit="msg", desc="messages", position=0, leave=False, file=sys.stderr)
+        self.bytes = tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1024, desc="bytes",
+                          position=1, leave=False, file=sys.stderr)
+
+    def __call__(self, event: str, data: dict) -> None:
+        if event == "folder_start":
+            self.msgs.total += data["messages"]
+            self.bytes.total += data["bytes"]
+            self.msgs.set_description(data["folder"][:30])
+            self.msgs.refresh()
+            self.bytes.refresh()
+        elif event == "message":
+            self.msgs.update(1)
+            self.bytes.update(data["bytes"])
+        elif event == "retry":
+            self.msgs.write(f"{data['folder']}: {data['error']}; retrying in {data['delay']} s")
+
+    def close(self) -> None:
+        self.msgs.close()
+        self.bytes.close()
+
+
+@app.command()
+def sync(
+    account: str = typer.Argument(..., help="Account name from the config."),
+    mode: Optional[str] = typer.Option(None, "--mode", help="Override the account's mode (backup)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing unless something fails (for cron)."),
+    as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary on stdout."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Config file."),
+    debug: bool = typer.Option(False, "--debug", help="Log and show tracebacks."),
+) -> None:
+    """Sync ACCOUNT: back up every selected folder into its Maildir."""
+    debug = debug or _opts.get("debug", False)
+    if debug:
+        logging.basicConfig(level=logging.DEBUG, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+    try:
+        cfg = config_mod.load(config or _opts.get("config"))
+        for w in cfg.warnings:
+            typer.echo(f"mailsync: warning: {w}", err=True)
+        acc = cfg.account(account)
+        mode = mode or acc.mode
+        if mode != "backup":
+            raise ConfigError(f"[accounts.{acc.name}] mode '{mode}' is not available in mailsync {__version__}",
+                              hint='use mode = "backup"')
+        if acc.protocol != "imap":
+            raise ConfigError(f"[accounts.{acc.name}] protocol '{acc.protocol}' is not available in mailsync "
+                              f"{__version__}", hint='use protocol = "imap"')
+        from mailsync import engine, secrets
+        pw = secrets.password(acc)
+        bars = _Bars() if (sys.stderr.isatty() and not quiet and not as_json) else None
+        try:
+            result = engine.backup(acc, pw, progress=bars or engine._quiet)
+        finally:
+            if bars:
+                bars.close()
+    except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - the one place errors become exit codes
+        if isinstance(exc, KeyboardInterrupt):
+            typer.echo("mailsync: interrupted; what was saved is kept, run again to continue", err=True)
+            raise typer.Exit(130) from None
+        _fail(exc, debug)
+        return
+
+    failed = result.failed
+    code = 0
+    if failed:
+        code = ConnectionLost.exit_code if all(getattr(f, "_lost", False) for f in failed) \
+            else PartialFailure.exit_code
+    if as_json:
+        typer.echo(json.dumps(_summary(result, code), indent=2, ensure_ascii=False))
+    for f in result.folders:
+        for n in f.notices:  # notices go to stderr even with --quiet: cron mails them
+            typer.echo(f"mailsync: notice: {f.name}: {n}", err=True)
+    for f in failed:
+        typer.echo(f"mailsync: error: {f.name}: {f.error}", err=True)
+    if not quiet and not as_json:
+        typer.echo(_line(result))
+    if failed and not as_json:
+        typer.echo(f"mailsync: {len(failed)} of {len(result.folders)} folders failed; "
+                   "everything else was saved, run again to retry", err=True)
+    raise typer.Exit(code)
+
+
+def _line(r) -> str:
+    fs = r.folders
+    new = sum(f.new + f.refetched for f in fs)
+    parts = [f"{r.account}: {len(fs)} folders", f"{new} new ({_human(sum(f.bytes for f in fs))})",
+             f"{sum(f.flags_changed for f in fs)} flags changed",
+             f"{sum(f.gone for f in fs)} gone from server"]
+    if any(f.refetched for f in fs):
+        parts.append(f"{sum(f.refetched for f in fs)} restored")
+    if any(f.rebound for f in fs):
+        parts.append(f"{sum(f.rebound for f in fs)} re-matched")
+    parts.append(f"{r.seconds:.1f} s")
+    return ", ".join(parts)
+
+
+def _summary(r, code: int) -> dict:
+    return {
+        "account": r.account,
+        "exit_code": code,
+        "seconds": round(r.seconds, 3),
+        "folders": [
+            {"name": f.name, "new": f.new, "restored": f.refetched, "flags_changed": f.flags_changed,
+             "gone_from_server": f.gone, "rematched": f.rebound, "bytes": f.bytes,
+             "seconds": round(f.seconds, 3), "skipped_unchanged": f.skipped, "notices": f.notices,
+             "errors": [f.error] if f.error else []}
+            for f in r.folders
+        ],
+        "totals": {
+            "new": sum(f.new for f in r.folders),
+            "restored": sum(f.refetched for f in r.folders),
+            "flags_changed": sum(f.flags_changed for f in r.folders),
+            "gone_from_server": sum(f.gone for f in r.folders),
+            "bytes": sum(f.bytes for f in r.folders),
+            "failed_folders": sum(1 for f in r.folders if f.error),
+        },
+    }
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

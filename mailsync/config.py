@@ -1,0 +1,233 @@
+"""TOML configuration -> frozen dataclasses. Every error names the file and the key."""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import stat
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from mailsync.errors import ConfigError
+
+PROTOCOLS = ("imap", "pop3")
+MODES = ("backup", "sync", "mirror")
+LAYOUTS = ("maildir++", "fs")
+DEFAULT_PORTS = {"imap": 993, "pop3": 995}
+
+
+@dataclass(frozen=True)
+class Account:
+    name: str
+    host: str
+    username: str
+    maildir: Path
+    protocol: str = "imap"
+    port: int = 993
+    password_command: str | list[str] | None = None
+    password_env: str | None = None
+    password: str | None = None
+    ca_file: Path | None = None
+    fingerprint: str | None = None  # normalised: upper-case hex without separators
+    mode: str = "backup"
+    folders: tuple[str, ...] = ("*",)
+    layout: str = "maildir++"
+    utf8_names: bool = False
+    timeout: float = 60.0
+    connections: int = 3
+    batch_bytes: int = 8 * 1024 * 1024
+    retries: int = 3
+    source: Path | None = None  # the config file it came from
+
+    def __repr__(self) -> str:  # never show secrets, even by accident
+        return f"Account(name={self.name!r}, host={self.host!r}, port={self.port}, protocol={self.protocol!r})"
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    accounts: dict[str, Account]
+    warnings: tuple[str, ...] = ()
+
+    def account(self, name: str) -> Account:
+        try:
+            return self.accounts[name]
+        except KeyError:
+            known = ", ".join(sorted(self.accounts)) or "none"
+            close = difflib.get_close_matches(name, list(self.accounts), n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"accounts in {self.path}: {known}"
+            raise ConfigError(f"unknown account '{name}'", hint=hint) from None
+
+
+# key -> (types accepted, description for error messages)
+_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
+    "host": ((str,), "a host name"),
+    "port": ((int,), "a port number"),
+    "protocol": ((str,), '"imap" or "pop3"'),
+    "username": ((str,), "a string"),
+    "password_command": ((str, list), "a command (string or list of strings)"),
+    "password_env": ((str,), "an environment variable name"),
+    "password": ((str,), "a string"),
+    "ca_file": ((str,), "a file path"),
+    "fingerprint": ((str,), '"sha256:AB:CD:..."'),
+    "maildir": ((str,), "a directory path"),
+    "mode": ((str,), '"backup", "sync" or "mirror"'),
+    "folders": ((list,), 'a list of patterns like ["*", "!Trash"]'),
+    "layout": ((str,), '"maildir++" or "fs"'),
+    "utf8_names": ((bool,), "true or false"),
+    "timeout": ((int, float), "seconds"),
+    "connections": ((int,), "a number of connections (1-16)"),
+    "batch_bytes": ((int,), "a number of bytes"),
+    "retries": ((int,), "a number of retries (0-10)"),
+}
+
+
+def default_path() -> Path:
+    env = os.environ.get("MAILSYNC_CONFIG")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return Path(base) / "mailsync" / "config.toml"
+
+
+def load(path: Path | str | None = None) -> Config:
+    p = Path(path).expanduser() if path else default_path()
+    try:
+        raw = p.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"config file {p} not found",
+                          hint="create it (see examples/config.toml) or pass --config FILE") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {p}: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p}: not valid UTF-8") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p}: invalid TOML: {exc}") from None
+    return parse(data, p)
+
+
+def parse(data: dict, path: Path) -> Config:
+    unknown = set(data) - {"accounts"}
+    if unknown:
+        key = sorted(unknown)[0]
+        raise ConfigError(f"{path}: unknown top-level key '{key}'", hint="accounts go in [accounts.NAME] tables")
+    accounts_raw = data.get("accounts", {})
+    if not isinstance(accounts_raw, dict):
+        raise ConfigError(f"{path}: 'accounts' must be a table of [accounts.NAME] sections")
+    warnings: list[str] = []
+    accounts = {name: _account(name, section, path, warnings) for name, section in accounts_raw.items()}
+    return Config(path=path, accounts=accounts, warnings=tuple(warnings))
+
+
+def _account(name: str, sec, path: Path, warnings: list[str]) -> Account:
+    where = f"{path}: [accounts.{name}]"
+    if not isinstance(sec, dict):
+        raise ConfigError(f"{where} must be a table")
+    for key, value in sec.items():
+        if key not in _KEYS:
+            close = difflib.get_close_matches(key, list(_KEYS), n=1)
+            hint = f"did you mean '{close[0]}'?" if close else "see docs/configuration.md for the keys"
+            raise ConfigError(f"{where}: unknown key '{key}'", hint=hint)
+        types, desc = _KEYS[key]
+        if isinstance(value, bool) and bool not in types or not isinstance(value, types):
+            raise ConfigError(f"{where}: '{key}' must be {desc}, not {type(value).__name__} {value!r}"
+                              if key not in ("password",) else f"{where}: 'password' must be a string")
+
+    def need(key: str) -> str:
+        v = sec.get(key)
+        if v is None or v == "":
+            raise ConfigError(f"{where}: missing key '{key}'", hint=f"add {key} = \"...\"")
+        return v
+
+    def choice(key: str, allowed: tuple[str, ...], default: str) -> str:
+        v = sec.get(key, default)
+        if v not in allowed:
+            raise ConfigError(f"{where}: '{key}' is {v!r}; allowed: {', '.join(allowed)}")
+        return v
+
+    protocol = choice("protocol", PROTOCOLS, "imap")
+    port = sec.get("port", DEFAULT_PORTS[protocol])
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"{where}: 'port' must be between 1 and 65535, not {port}")
+    layout = choice("layout", LAYOUTS, "maildir++")
+    mode = choice("mode", MODES, "backup")
+
+    folders = tuple(sec.get("folders", ["*"]))
+    for pat in folders:
+        if not isinstance(pat, str) or pat in ("", "!"):
+            raise ConfigError(f"{where}: 'folders' entries must be non-empty patterns, not {pat!r}")
+
+    pw_cmd = sec.get("password_command")
+    if isinstance(pw_cmd, list) and (not pw_cmd or not all(isinstance(a, str) for a in pw_cmd)):
+        raise ConfigError(f"{where}: 'password_command' list must hold strings")
+    sources = [k for k in ("password_command", "password_env", "password") if k in sec]
+    if len(sources) > 1:
+        raise ConfigError(f"{where}: give only one of {', '.join(sources)}")
+    if "password" in sec:
+        try:
+            mode_bits = path.stat().st_mode
+        except OSError:
+            mode_bits = 0
+        if mode_bits & (stat.S_IRWXG | stat.S_IRWXO):
+            warnings.append(f"{path} holds a password and is readable by others: run chmod 600 {path} "
+                            "or use password_command")
+
+    fingerprint = sec.get("fingerprint")
+    if fingerprint is not None:
+        fp = fingerprint.strip()
+        if fp.lower().startswith("sha256:"):
+            fp = fp[7:]
+        fp = fp.replace(":", "").upper()
+        if not re.fullmatch(r"[0-9A-F]{64}", fp):
+            raise ConfigError(f"{where}: 'fingerprint' must be a SHA-256 fingerprint like \"sha256:AB:CD:...\" "
+                              "(64 hex digits)")
+        fingerprint = fp
+
+    ca_file = sec.get("ca_file")
+    ca_path = Path(ca_file).expanduser() if ca_file else None
+    if ca_path is not None and not ca_path.is_absolute():
+        ca_path = (path.parent / ca_path)
+
+    maildir = Path(need("maildir")).expanduser()
+    if not maildir.is_absolute():
+        maildir = path.parent / maildir
+
+    timeout = float(sec.get("timeout", 60))
+    if not 1 <= timeout <= 3600:
+        raise ConfigError(f"{where}: 'timeout' must be between 1 and 3600 seconds")
+    connections = sec.get("connections", 3)
+    if not 1 <= connections <= 16:
+        raise ConfigError(f"{where}: 'connections' must be between 1 and 16")
+    batch_bytes = sec.get("batch_bytes", 8 * 1024 * 1024)
+    if not 64 * 1024 <= batch_bytes <= 1024 * 1024 * 1024:
+        raise ConfigError(f"{where}: 'batch_bytes' must be between 65536 and 1073741824")
+    retries = sec.get("retries", 3)
+    if not 0 <= retries <= 10:
+        raise ConfigError(f"{where}: 'retries' must be between 0 and 10")
+
+    return Account(
+        name=name,
+        host=need("host"),
+        username=need("username"),
+        maildir=maildir,
+        protocol=protocol,
+        port=port,
+        password_command=pw_cmd,
+        password_env=sec.get("password_env"),
+        password=sec.get("password"),
+        ca_file=ca_path,
+        fingerprint=fingerprint,
+        mode=mode,
+        folders=folders,
+        layout=layout,
+        utf8_names=sec.get("utf8_names", layout == "fs"),
+        timeout=timeout,
+        connections=connections,
+        batch_bytes=batch_bytes,
+        retries=retries,
+        source=path,
+    )

@@ -1,0 +1,22 @@
+"""Test-only crash points: MAILSYNC_CRASH_AT=NAME:N kills the process (as kill -9 would) the
+N-th time the engine reaches the durable step NAME. Unset in normal use: one dict lookup."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+_spec = os.environ.get("MAILSYNC_CRASH_AT", "")
+_name, _, _n = _spec.partition(":")
+_left = int(_n or 1) if _spec else 0
+_lock = threading.Lock()
+
+
+def hit(name: str) -> None:
+    global _left
+    if not _left or name != _name:
+        return
+    with _lock:
+        _left -= 1
+        if _left == 0:
+            os._exit(137)

@@ -1,0 +1,304 @@
+"""The IMAP side (read-only for backups): TLS, login, folders, counters, flags, message bodies.
+
+Lower-level errors (socket, ssl, imaplib) are translated here into mailsync errors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import imaplib
+import logging
+import socket
+import ssl
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import datetime
+
+from imapclient import IMAPClient
+from imapclient import exceptions as imapx
+from imapclient.response_parser import parse_fetch_response
+
+from mailsync.config import Account
+from mailsync.errors import AuthError, ConnectError, ConnectionLost, MailsyncError, ServerError, TLSError
+from mailsync.model import normalise_flags
+
+log = logging.getLogger("mailsync.imap")
+
+BODY_ITEMS = [b"BODY.PEEK[]", b"FLAGS", b"INTERNALDATE"]
+
+
+def fingerprint_hex(der: bytes) -> str:
+    return hashlib.sha256(der).hexdigest().upper()
+
+
+def pretty_fingerprint(hexfp: str) -> str:
+    return ":".join(hexfp[i:i + 2] for i in range(0, len(hexfp), 2))
+
+
+def tls_context(acc: Account) -> ssl.SSLContext:
+    if acc.ca_file is not None:
+        try:
+            ctx = ssl.create_default_context(cafile=str(acc.ca_file))
+        except (OSError, ssl.SSLError) as exc:
+            from mailsync.errors import ConfigError
+            raise ConfigError(f"[accounts.{acc.name}] ca_file {acc.ca_file}: cannot load: {exc}") from None
+    else:
+        ctx = ssl.create_default_context()
+    if acc.fingerprint and acc.ca_file is None:
+        # a pin replaces the CA check (self-signed servers); the pin is checked after the handshake
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
+
+
+def peer_fingerprint(host: str, port: int, timeout: float) -> str | None:
+    """The SHA-256 fingerprint of whatever certificate the server shows (for error messages)."""
+    try:
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        with socket.create_connection((host, port), timeout=min(timeout, 10)) as raw:
+            with ctx.wrap_socket(raw, server_hostname=host) as s:
+                der = s.getpeercert(binary_form=True)
+        return fingerprint_hex(der) if der else None
+    except (OSError, ssl.SSLError):
+        return None
+
+
+def connect_errors(acc: Account, exc: BaseException) -> MailsyncError:
+    """Translate an exception raised while connecting to acc into a one-line mailsync error."""
+    where = f"{acc.host}:{acc.port}"
+    if isinstance(exc, MailsyncError):
+        return exc
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        fp = peer_fingerprint(acc.host, acc.port, acc.timeout)
+        why = exc.verify_message or str(exc)
+        shown = f"SHA-256 {pretty_fingerprint(fp)}" if fp else "fingerprint unavailable"
+        pin = f'fingerprint = "sha256:{pretty_fingerprint(fp)}"' if fp else "fingerprint = \"sha256:...\""
+        return TLSError(f"certificate of {where} not accepted ({why}); {shown}",
+                        hint=f"if you trust it, add {pin} to [accounts.{acc.name}], or set ca_file")
+    if isinstance(exc, ssl.SSLError):
+        reason = getattr(exc, "reason", None) or str(exc)
+        hint = "is this a plaintext port? IMAPS is usually 993, POP3S 995"
+        if "VERSION" in str(reason).upper() and "WRONG" not in str(reason).upper():
+            hint = "the server offers only TLS older than 1.2"
+        return TLSError(f"TLS handshake with {where} failed ({reason})", hint=hint)
+    if isinstance(exc, socket.gaierror):
+        return ConnectError(f"cannot resolve host '{acc.host}'", hint="check host in the config and your DNS")
+    if isinstance(exc, ConnectionRefusedError):
+        return ConnectError(f"connection to {where} refused",
+                            hint="check host and port (IMAPS is usually 993) and that the server runs")
+    if isinstance(exc, (socket.timeout, TimeoutError)):
+        return ConnectError(f"connection to {where} timed out after {acc.timeout:g} s",
+                            hint="check host, port and firewall; raise timeout for slow servers")
+    if isinstance(exc, OSError):
+        return ConnectError(f"cannot connect to {where}: {exc.strerror or exc}",
+                            hint="check host, port and your network")
+    if isinstance(exc, (imaplib.IMAP4.abort, EOFError)):
+        return ConnectionLost(f"{where} closed the connection: {exc}",
+                              hint="is this an IMAPS port? IMAPS is usually 993")
+    return ConnectError(f"cannot connect to {where}: {exc}")
+
+
+@dataclass
+class FolderInfo:
+    name: str                 # UTF-8, as users see it
+    delimiter: str | None
+    flags: tuple[str, ...]
+
+    @property
+    def parts(self) -> list[str]:
+        return self.name.split(self.delimiter) if self.delimiter else [self.name]
+
+
+class ImapSession:
+    """One logged-in connection."""
+
+    def __init__(self, acc: Account, password: str) -> None:
+        self.acc = acc
+        self.where = f"{acc.host}:{acc.port}"
+        try:
+            self.client = IMAPClient(acc.host, port=acc.port, ssl=True, ssl_context=tls_context(acc),
+                                     timeout=acc.timeout)
+        except BaseException as exc:  # noqa: BLE001 - translated below
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            raise connect_errors(acc, exc) from None
+        self.client.normalise_times = False
+        try:
+            if acc.fingerprint:
+                der = self.client.socket().getpeercert(binary_form=True)
+                got = fingerprint_hex(der)
+                if got != acc.fingerprint:
+                    raise TLSError(f"certificate of {self.where} does not match the pinned fingerprint; "
+                                   f"server shows SHA-256 {pretty_fingerprint(got)}",
+                                   hint="if the server's certificate was renewed, update fingerprint")
+            try:
+                self.client.login(acc.username, password)
+            except imapx.LoginError as exc:
+                raise AuthError(f"login as {acc.username} at {self.where} failed: {_text(exc)}",
+                                hint="check username and password (an app password may be needed)") from None
+            self.caps = {c.decode().upper() if isinstance(c, bytes) else c.upper()
+                         for c in self.client.capabilities()}
+            self.condstore = "CONDSTORE" in self.caps or "QRESYNC" in self.caps
+            if self.condstore and "ENABLE" in self.caps:
+                self._call(self.client.enable, "CONDSTORE")
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.client.logout()
+        with contextlib.suppress(Exception):
+            self.client.shutdown()
+
+    def _call(self, fn, *args, **kw):
+        try:
+            return fn(*args, **kw)
+        except (imaplib.IMAP4.abort, imapx.IMAPClientAbortError, OSError, EOFError) as exc:
+            raise ConnectionLost(f"connection to {self.where} lost: {_text(exc)}",
+                                 hint="run again to continue; what was saved is kept") from None
+        except (imaplib.IMAP4.error, imapx.IMAPClientError) as exc:
+            raise ServerError(f"{self.where} refused a command: {_text(exc)}") from None
+
+    # -- folders ----------------------------------------------------------------------
+
+    def list_folders(self) -> list[FolderInfo]:
+        out = []
+        for flags, delim, name in self._call(self.client.list_folders):
+            fl = tuple(f.decode() if isinstance(f, bytes) else str(f) for f in flags)
+            if any(f.lower() in ("\\noselect", "\\nonexistent") for f in fl):
+                continue
+            if isinstance(name, bytes):
+                name = name.decode("utf-8", "replace")
+            if isinstance(delim, bytes):
+                delim = delim.decode()
+            out.append(FolderInfo(name=name, delimiter=delim or None, flags=fl))
+        return out
+
+    def status(self, name: str) -> dict[str, int]:
+        items = [b"MESSAGES", b"UIDNEXT", b"UIDVALIDITY"] + ([b"HIGHESTMODSEQ"] if self.condstore else [])
+        raw = self._call(self.client.folder_status, name, items)
+        return {k.decode().lower(): int(v) for k, v in raw.items()}
+
+    def examine(self, name: str) -> dict[str, int]:
+        raw = self._call(self.client.select_folder, name, readonly=True)
+        out = {}
+        for k, v in raw.items():
+            key = k.decode().lower() if isinstance(k, bytes) else str(k).lower()
+            if key in ("uidvalidity", "uidnext", "exists", "highestmodseq"):
+                out[key] = int(v[0] if isinstance(v, list) else v)
+        return out
+
+    # -- messages ---------------------------------------------------------------------
+
+    def _fetch(self, seqset: str, items: list[bytes], modifiers: list[str] | None = None) -> dict[int, dict]:
+        """UID FETCH with a sequence set (imapclient's own fetch() cannot take ranges like 5:*)."""
+        def run():
+            imap = self.client._imap
+            args = ["UID", "FETCH", seqset, "(" + " ".join(i.decode() for i in items) + ")"]
+            if modifiers:
+                args.append("(" + " ".join(modifiers) + ")")
+            tag = imap._command(*args)
+            typ, data = imap._command_complete("FETCH", tag)
+            if typ != "OK":
+                raise imaplib.IMAP4.error(f"UID FETCH failed: {data[-1] if data else typ}")
+            typ, data = imap._untagged_response(typ, data, "FETCH")
+            if data == [None]:
+                return {}
+            return parse_fetch_response(data, False, True)
+        return self._call(run)
+
+    def all_uids(self) -> set[int]:
+        return set(self._call(self.client.search, "ALL"))
+
+    def flags(self, below_uid: int, changedsince: int | None) -> dict[int, tuple[frozenset[str], frozenset[str]]]:
+        """Flags of messages with UID < below_uid (only those changed since a modseq, if given)."""
+        if below_uid <= 1:
+            return {}
+        mods = [f"CHANGEDSINCE {changedsince}"] if changedsince is not None else None
+        raw = self._fetch(f"1:{below_uid - 1}", [b"FLAGS"], mods)
+        return {uid: normalise_flags(d.get(b"FLAGS", ())) for uid, d in raw.items() if uid < below_uid}
+
+    def new_messages(self, from_uid: int) -> dict[int, tuple[int, frozenset[str], frozenset[str]]]:
+        """UID -> (size, flags, keywords) for messages with UID >= from_uid."""
+        raw = self._fetch(f"{max(from_uid, 1)}:*", [b"FLAGS", b"RFC822.SIZE"])
+        out = {}
+        for uid, d in raw.items():
+            if uid >= from_uid:
+                fl, kw = normalise_flags(d.get(b"FLAGS", ()))
+                out[uid] = (int(d.get(b"RFC822.SIZE", 0) or 0), fl, kw)
+        return out
+
+    def message_ids(self, uids: Iterable[int]) -> dict[int, tuple[int, str]]:
+        uids = sorted(uids)
+        if not uids:
+            return {}
+        raw = self._fetch(seqset(uids), [b"RFC822.SIZE", b"BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)]"])
+        out = {}
+        for uid, d in raw.items():
+            hdr = next((v for k, v in d.items() if k.startswith(b"BODY[HEADER")), b"") or b""
+            out[uid] = (int(d.get(b"RFC822.SIZE", 0) or 0), message_id(hdr))
+        return out
+
+    def bodies(self, uids: list[int]) -> Iterator[tuple[int, bytes | None, frozenset[str], frozenset[str], datetime | None]]:
+        """(uid, bytes or None if expunged meanwhile, flags, keywords, internaldate) for a batch."""
+        raw = self._fetch(seqset(uids), BODY_ITEMS)
+        for uid in uids:
+            d = raw.get(uid)
+            if d is None:
+                yield uid, None, frozenset(), frozenset(), None
+                continue
+            body = d.get(b"BODY[]")
+            fl, kw = normalise_flags(d.get(b"FLAGS", ()))
+            when = d.get(b"INTERNALDATE")
+            yield uid, body, fl, kw, when if isinstance(when, datetime) else None
+
+
+def seqset(uids: Iterable[int]) -> str:
+    """[1, 2, 3, 7, 9, 10] -> '1:3,7,9:10'."""
+    out: list[str] = []
+    start = prev = None
+    for u in sorted(set(uids)):
+        if start is None:
+            start = prev = u
+        elif u == prev + 1:
+            prev = u
+        else:
+            out.append(f"{start}:{prev}" if prev != start else str(start))
+            start = prev = u
+    if start is not None:
+        out.append(f"{start}:{prev}" if prev != start else str(start))
+    return ",".join(out)
+
+
+def message_id(data: bytes) -> str:
+    """The Message-ID header's value (first one), or '' - a hint only, never an identity."""
+    end = data.find(b"\r\n\r\n")
+    if end < 0:
+        end = data.find(b"\n\n")
+    head = data if end < 0 else data[:end]
+    low = head.lower()
+    pos = low.find(b"message-id:")
+    while pos > 0 and low[pos - 1:pos] not in (b"\n",):
+        pos = low.find(b"message-id:", pos + 1)
+    if pos < 0:
+        return ""
+    line_end = head.find(b"\n", pos)
+    value = head[pos + 11: line_end if line_end >= 0 else len(head)]
+    # folded continuation lines
+    while line_end >= 0 and head[line_end + 1:line_end + 2] in (b" ", b"\t"):
+        nxt = head.find(b"\n", line_end + 1)
+        value += head[line_end + 1: nxt if nxt >= 0 else len(head)]
+        line_end = nxt
+    return value.strip().decode("utf-8", "replace")[:998]
+
+
+def _text(exc: BaseException) -> str:
+    s = str(exc)
+    if s.startswith("b'") or s.startswith('b"'):
+        s = s[2:-1]
+    return s.strip() or type(exc).__name__

@@ -1,0 +1,127 @@
+"""Flags, Maildir info strings and the per-message records the planner works on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# IMAP system flag <-> Maildir info letter. One table, both directions.
+FLAG_LETTERS: dict[str, str] = {
+    "\\Draft": "D",
+    "\\Flagged": "F",
+    "\\Answered": "R",
+    "\\Seen": "S",
+    "\\Deleted": "T",
+}
+LETTER_FLAGS: dict[str, str] = {v: k for k, v in FLAG_LETTERS.items()}
+_CANON = {k.lower(): k for k in FLAG_LETTERS}
+
+
+def normalise_flags(raw) -> tuple[frozenset[str], frozenset[str]]:
+    """Split server flags into (system flags we map, keywords). \\Recent is the server's: dropped."""
+    system: set[str] = set()
+    keywords: set[str] = set()
+    for f in raw:
+        if isinstance(f, bytes):
+            f = f.decode("utf-8", "replace")
+        low = f.lower()
+        if low in _CANON:
+            system.add(_CANON[low])
+        elif low == "\\recent" or f.startswith("\\"):
+            continue  # \Recent and unknown system flags are not ours to keep
+        else:
+            keywords.add(f)
+    return frozenset(system), frozenset(keywords)
+
+
+def info_letters(flags: frozenset[str], extra: str = "") -> str:
+    """Maildir info letters for flags, in ASCII order, keeping letters we do not know (extra)."""
+    letters = {FLAG_LETTERS[f] for f in flags if f in FLAG_LETTERS}
+    letters.update(c for c in extra if c not in LETTER_FLAGS)
+    return "".join(sorted(letters))
+
+
+def flags_from_letters(letters: str) -> frozenset[str]:
+    return frozenset(LETTER_FLAGS[c] for c in letters if c in LETTER_FLAGS)
+
+
+def split_name(name: str) -> tuple[str, str | None]:
+    """A Maildir file name -> (unique key, info letters or None). Never looks inside the key."""
+    key, sep, info = name.partition(":2,")
+    if not sep:
+        # some tools on file systems without ':' use '!2,' or ';2,'
+        for alt in ("!2,", ";2,"):
+            key, sep, info = name.partition(alt)
+            if sep:
+                break
+        else:
+            return name, None
+    return key, info
+
+
+def join_name(key: str, letters: str) -> str:
+    return f"{key}:2,{letters}"
+
+
+def encode_flags(flags: frozenset[str]) -> str:
+    return " ".join(sorted(flags))
+
+
+def decode_flags(text: str | None) -> frozenset[str]:
+    return frozenset(text.split()) if text else frozenset()
+
+
+@dataclass(frozen=True)
+class Record:
+    """What the state knows of one message of a folder."""
+
+    uid: int
+    key: str
+    flags: frozenset[str]
+    keywords: frozenset[str] = frozenset()
+    size: int = 0
+    sha256: str = ""
+    message_id: str = ""
+    on_server: bool = True
+
+
+@dataclass(frozen=True)
+class ServerView:
+    """What a folder's gather step saw on the server.
+
+    flags: UID -> (system flags, keywords) for messages whose flags we read this run (all of
+      them, or only those changed since the last HIGHESTMODSEQ).
+    new: UID -> size of messages not known to the state.
+    present: every UID on the server, or None when the gather proved nothing was expunged.
+    """
+
+    flags: dict[int, tuple[frozenset[str], frozenset[str]]]
+    new: dict[int, int]
+    present: frozenset[int] | None
+
+
+@dataclass(frozen=True)
+class BackupPlan:
+    fetch: tuple[int, ...] = ()            # new on the server
+    refetch: tuple[int, ...] = ()          # known, but its file is gone from disk
+    set_flags: tuple[tuple[int, frozenset[str], frozenset[str]], ...] = ()
+    gone: tuple[int, ...] = ()             # expunged on the server: keep the file, mark state
+    back: tuple[int, ...] = ()             # marked gone before, seen on the server again
+
+    @property
+    def empty(self) -> bool:
+        return not (self.fetch or self.refetch or self.set_flags or self.gone or self.back)
+
+
+@dataclass
+class FolderResult:
+    name: str
+    new: int = 0
+    refetched: int = 0
+    flags_changed: int = 0
+    gone: int = 0
+    rebound: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    skipped: bool = False
+    notices: list[str] = field(default_factory=list)
+    error: str = ""

@@ -1,0 +1,45 @@
+"""Password sources. The password is returned to the caller and never logged or stored."""
+
+from __future__ import annotations
+
+import getpass
+import os
+import shlex
+import subprocess
+import sys
+
+from mailsync.config import Account
+from mailsync.errors import ConfigError
+
+
+def password(acc: Account) -> str:
+    where = f"[accounts.{acc.name}]"
+    if acc.password_command is not None:
+        argv = acc.password_command if isinstance(acc.password_command, list) else shlex.split(acc.password_command)
+        try:
+            r = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=120)
+        except FileNotFoundError:
+            raise ConfigError(f"{where} password_command: program '{argv[0]}' not found",
+                              hint="give the full path, or a list like [\"sh\", \"-c\", \"...\"] for a shell") from None
+        except subprocess.TimeoutExpired:
+            raise ConfigError(f"{where} password_command did not finish within 120 seconds") from None
+        if r.returncode != 0:
+            err = r.stderr.decode("utf-8", "replace").strip().splitlines()
+            tail = f": {err[-1][:200]}" if err else ""
+            raise ConfigError(f"{where} password_command failed with exit code {r.returncode}{tail}")
+        out = r.stdout.decode("utf-8", "replace").splitlines()
+        if not out or not out[0]:
+            raise ConfigError(f"{where} password_command printed nothing",
+                              hint="it must print the password on its first line")
+        return out[0]
+    if acc.password_env is not None:
+        value = os.environ.get(acc.password_env)
+        if not value:
+            raise ConfigError(f"{where} password_env: environment variable {acc.password_env} is not set")
+        return value
+    if acc.password is not None:
+        return acc.password
+    if sys.stdin.isatty():
+        return getpass.getpass(f"Password for {acc.username} at {acc.host}: ")
+    raise ConfigError(f"{where} has no password source",
+                      hint="set password_command or password_env (no terminal to prompt on)")

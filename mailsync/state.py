@@ -1,0 +1,259 @@
+"""Sync state in SQLite (WAL) at <maildir>/.mailsync.db, plus the per-account run lock.
+
+The state is the truth about identity (UID <-> file key); file names only carry flags.
+Every change is committed only after the files it describes are durable.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+from mailsync.errors import LockedError, StorageError
+from mailsync.model import Record, decode_flags, encode_flags
+
+DB_NAME = ".mailsync.db"
+LOCK_NAME = ".mailsync.lock"
+
+# Each entry upgrades the schema by one version; never edit one that has shipped.
+MIGRATIONS: list[str] = [
+    # 1
+    """
+    CREATE TABLE folders (
+        id INTEGER PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,          -- the server's name, UTF-8
+        path TEXT NOT NULL,                 -- directory relative to the Maildir root
+        uidvalidity INTEGER,
+        uidnext INTEGER,
+        highestmodseq INTEGER,
+        messages INTEGER,
+        synced_at REAL
+    );
+    CREATE TABLE messages (
+        id INTEGER PRIMARY KEY,
+        folder_id INTEGER NOT NULL REFERENCES folders(id),
+        uidvalidity INTEGER NOT NULL,
+        uid INTEGER NOT NULL,
+        key TEXT NOT NULL,                  -- the file's unique name part (before ':2,')
+        flags TEXT NOT NULL DEFAULT '',     -- system flags as last synced, space separated
+        keywords TEXT NOT NULL DEFAULT '',
+        size INTEGER NOT NULL,
+        sha256 TEXT NOT NULL,
+        message_id TEXT NOT NULL DEFAULT '',
+        internaldate REAL,
+        on_server INTEGER NOT NULL DEFAULT 1,
+        UNIQUE (folder_id, uidvalidity, uid)
+    );
+    CREATE INDEX messages_key ON messages(folder_id, key);
+    CREATE INDEX messages_hash ON messages(sha256);
+    """,
+]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def _row_record(row) -> Record:
+    return Record(uid=row["uid"], key=row["key"], flags=decode_flags(row["flags"]),
+                  keywords=frozenset(row["keywords"].split("\x1f")) if row["keywords"] else frozenset(),
+                  size=row["size"], sha256=row["sha256"], message_id=row["message_id"],
+                  on_server=bool(row["on_server"]))
+
+
+def _kw(keywords: frozenset[str]) -> str:
+    return "\x1f".join(sorted(keywords))
+
+
+class State:
+    def __init__(self, root: Path) -> None:
+        self.path = root / DB_NAME
+        self._lock = threading.RLock()
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            os.close(fd)
+            self.db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
+            self.db.row_factory = sqlite3.Row
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")
+            self.db.execute("PRAGMA foreign_keys=ON")
+            self._migrate()
+        except sqlite3.DatabaseError as exc:
+            raise StorageError(f"state file {self.path} is unreadable: {exc}",
+                               hint="move it aside and run again; messages are re-matched, none is lost") from None
+        except OSError as exc:
+            raise StorageError(f"cannot open state file {self.path}: {exc.strerror}") from None
+
+    def _migrate(self) -> None:
+        version = self.db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise StorageError(f"state file {self.path} is from a newer mailsync (schema {version})",
+                               hint="upgrade mailsync")
+        for v in range(version, SCHEMA_VERSION):
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                for stmt in MIGRATIONS[v].split(";"):
+                    if stmt.strip():
+                        self.db.execute(stmt)
+                self.db.execute(f"PRAGMA user_version={v + 1}")
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+
+    def close(self) -> None:
+        with self._lock:
+            self.db.close()
+
+    # -- folders ----------------------------------------------------------------------
+
+    def folder(self, name: str, path: str) -> sqlite3.Row:
+        with self._lock:
+            row = self.db.execute("SELECT * FROM folders WHERE name=?", (name,)).fetchone()
+            if row is None:
+                self.db.execute("INSERT INTO folders(name, path) VALUES (?, ?)", (name, path))
+                row = self.db.execute("SELECT * FROM folders WHERE name=?", (name,)).fetchone()
+            elif row["path"] != path:
+                self.db.execute("UPDATE folders SET path=? WHERE id=?", (path, row["id"]))
+                row = self.db.execute("SELECT * FROM folders WHERE name=?", (name,)).fetchone()
+            return row
+
+    def folders(self) -> list[sqlite3.Row]:
+        with self._lock:
+            return self.db.execute("SELECT * FROM folders ORDER BY name").fetchall()
+
+    def save_folder(self, fid: int, *, uidvalidity: int, uidnext: int, highestmodseq: int | None,
+                    messages: int) -> None:
+        with self._lock:
+            self.db.execute(
+                "UPDATE folders SET uidvalidity=?, uidnext=?, highestmodseq=?, messages=?, synced_at=? WHERE id=?",
+                (uidvalidity, uidnext, highestmodseq, messages, time.time(), fid))
+
+    # -- messages ---------------------------------------------------------------------
+
+    def records(self, fid: int, uidvalidity: int) -> dict[int, Record]:
+        with self._lock:
+            rows = self.db.execute("SELECT * FROM messages WHERE folder_id=? AND uidvalidity=?",
+                                   (fid, uidvalidity)).fetchall()
+        return {r["uid"]: _row_record(r) for r in rows}
+
+    def other_validity_records(self, fid: int, uidvalidity: int) -> list[tuple[int, Record]]:
+        """Records of a folder under an older UIDVALIDITY: (row id, record)."""
+        with self._lock:
+            rows = self.db.execute("SELECT * FROM messages WHERE folder_id=? AND uidvalidity<>?",
+                                   (fid, uidvalidity)).fetchall()
+        return [(r["id"], _row_record(r)) for r in rows]
+
+    def keys(self, fid: int, *, uidvalidity: int | None = None, on_server: bool | None = None) -> set[str]:
+        sql, args = "SELECT key FROM messages WHERE folder_id=?", [fid]
+        if uidvalidity is not None:
+            sql += " AND uidvalidity=?"
+            args.append(uidvalidity)
+        if on_server is not None:
+            sql += " AND on_server=?"
+            args.append(int(on_server))
+        with self._lock:
+            return {r[0] for r in self.db.execute(sql, args)}
+
+    def count_on_server(self, fid: int, uidvalidity: int) -> int:
+        with self._lock:
+            return self.db.execute(
+                "SELECT count(*) FROM messages WHERE folder_id=? AND uidvalidity=? AND on_server=1",
+                (fid, uidvalidity)).fetchone()[0]
+
+    def find_hash(self, fid: int, sha256: str) -> list[tuple[int, Record]]:
+        with self._lock:
+            rows = self.db.execute("SELECT * FROM messages WHERE folder_id=? AND sha256=?", (fid, sha256)).fetchall()
+        return [(r["id"], _row_record(r)) for r in rows]
+
+    def transaction(self):
+        return _Tx(self)
+
+    # statements used inside a transaction (caller holds it via `with state.transaction():`)
+    def add(self, fid: int, uidvalidity: int, rec: Record, internaldate: float | None) -> None:
+        self.db.execute(
+            "INSERT INTO messages(folder_id, uidvalidity, uid, key, flags, keywords, size, sha256, message_id,"
+            " internaldate, on_server) VALUES (?,?,?,?,?,?,?,?,?,?,1)"
+            " ON CONFLICT(folder_id, uidvalidity, uid) DO UPDATE SET key=excluded.key, flags=excluded.flags,"
+            " keywords=excluded.keywords, size=excluded.size, sha256=excluded.sha256,"
+            " message_id=excluded.message_id, internaldate=excluded.internaldate, on_server=1",
+            (fid, uidvalidity, rec.uid, rec.key, encode_flags(rec.flags), _kw(rec.keywords), rec.size,
+             rec.sha256, rec.message_id, internaldate))
+
+    def set_flags(self, fid: int, uidvalidity: int, uid: int, flags: frozenset[str], keywords: frozenset[str]) -> None:
+        self.db.execute("UPDATE messages SET flags=?, keywords=? WHERE folder_id=? AND uidvalidity=? AND uid=?",
+                        (encode_flags(flags), _kw(keywords), fid, uidvalidity, uid))
+
+    def set_on_server(self, fid: int, uidvalidity: int, uids, on: bool) -> None:
+        self.db.executemany("UPDATE messages SET on_server=? WHERE folder_id=? AND uidvalidity=? AND uid=?",
+                            [(int(on), fid, uidvalidity, uid) for uid in uids])
+
+    def rebind(self, row_id: int, uidvalidity: int, uid: int, flags: frozenset[str], keywords: frozenset[str]) -> None:
+        """Give a record from an older UIDVALIDITY its new UID (same file, no download)."""
+        self.db.execute("UPDATE messages SET uidvalidity=?, uid=?, flags=?, keywords=?, on_server=1 WHERE id=?",
+                        (uidvalidity, uid, encode_flags(flags), _kw(keywords), row_id))
+
+    def mark_old_gone(self, fid: int, uidvalidity: int) -> None:
+        self.db.execute("UPDATE messages SET on_server=0 WHERE folder_id=? AND uidvalidity<>?", (fid, uidvalidity))
+
+
+class _Tx:
+    def __init__(self, state: State) -> None:
+        self.state = state
+
+    def __enter__(self) -> State:
+        self.state._lock.acquire()
+        try:
+            self.state.db.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            self.state._lock.release()
+            raise
+        return self.state
+
+    def __exit__(self, et, ev, tb) -> None:
+        try:
+            if et is None:
+                try:
+                    self.state.db.execute("COMMIT")
+                except sqlite3.OperationalError as exc:
+                    self.state.db.execute("ROLLBACK")
+                    raise StorageError(f"cannot write state {self.state.path}: {exc}",
+                                       hint="free disk space and run again; nothing was lost") from None
+            else:
+                self.state.db.execute("ROLLBACK")
+        finally:
+            self.state._lock.release()
+
+
+class RunLock:
+    """<maildir>/.mailsync.lock held with flock: the kernel frees it if the process dies."""
+
+    def __init__(self, root: Path) -> None:
+        self.path = root / LOCK_NAME
+        self.fd: int | None = None
+
+    def __enter__(self) -> "RunLock":
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise StorageError(f"cannot create lock file {self.path}: {exc.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                pid = os.read(fd, 32).decode().strip() or "?"
+            except OSError:
+                pid = "?"
+            os.close(fd)
+            raise LockedError(f"another mailsync run (pid {pid}) is working on {self.path.parent}",
+                              hint="wait for it to finish; a lock left by a killed run frees itself") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None

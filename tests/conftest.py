@@ -1,0 +1,31 @@
+"""Fixtures: one real Dovecot for the whole session, a fresh mail user per test."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.dovecot import Dovecot
+from tests.helpers import MailUser
+
+_ids = itertools.count(1)
+
+
+@pytest.fixture(scope="session")
+def dovecot(tmp_path_factory):
+    if not shutil.which("dovecot") and not Path("/usr/sbin/dovecot").exists():
+        pytest.fail("Dovecot is not installed: run `make test` (it installs dovecot-imapd and dovecot-pop3d)")
+    d = Dovecot(tmp_path_factory.mktemp("dovecot")).start()
+    yield d
+    d.stop()
+
+
+@pytest.fixture
+def user(dovecot, tmp_path) -> MailUser:
+    """A new, empty mail account on the shared Dovecot, and a config file pointing at it."""
+    name = f"u{os.getpid()}x{next(_ids)}"
+    return MailUser.create(dovecot, name, tmp_path)

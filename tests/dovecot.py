@@ -1,0 +1,186 @@
+"""A throwaway Dovecot (IMAPS + POP3S) on 127.0.0.1 with a test CA, for tests and the demo.
+
+Runs as the current user: no root needed (as root, mail is owned by the `dovecot` user,
+since Dovecot refuses to access mail as uid 0).
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DOVECOT = shutil.which("dovecot") or "/usr/sbin/dovecot"
+DOVEADM = shutil.which("doveadm") or "/usr/bin/doveadm"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def make_ca(d: Path) -> None:
+    """A test CA plus certificates signed by it: good (127.0.0.1/localhost), wrong host, expired."""
+    d.mkdir(parents=True, exist_ok=True)
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
+             "-days", "3650", "-subj", "/CN=mailsync test CA", cwd=d)
+    for name, san, days in (("server", "DNS:localhost,IP:127.0.0.1", "3650"),
+                            ("wronghost", "DNS:wrong.example", "3650")):
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+                 "-subj", f"/CN={san.split(',')[0].split(':')[1]}", cwd=d)
+        (d / f"{name}.ext").write_text(f"subjectAltName={san}\n")
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+                 "-CAcreateserial", "-out", f"{name}.pem", "-days", days, "-extfile", f"{name}.ext", cwd=d)
+
+
+@dataclass
+class Dovecot:
+    root: Path
+    users: dict[str, str] = field(default_factory=lambda: {"alice": "alice-secret", "bob": "bob-secret"})
+    cert: str = "server"
+    extra_conf: str = ""
+    imaps_port: int = 0
+    pop3s_port: int = 0
+    extra_listeners: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def conf(self) -> Path:
+        return self.root / "dovecot.conf"
+
+    @property
+    def ca_file(self) -> Path:
+        return self.root / "ca" / "ca.pem"
+
+    def maildir(self, user: str) -> Path:
+        return self.root / "home" / user / "Maildir"
+
+    def _ids(self) -> tuple[int, int, str]:
+        if os.getuid() == 0:
+            pw = pwd.getpwnam("dovecot")
+            return pw.pw_uid, pw.pw_gid, "root"
+        pw = pwd.getpwuid(os.getuid())
+        return pw.pw_uid, pw.pw_gid, pw.pw_name
+
+    def write_config(self) -> None:
+        uid, gid, me = self._ids()
+        self.imaps_port = self.imaps_port or free_port()
+        self.pop3s_port = self.pop3s_port or free_port()
+        (self.root / "run").mkdir(parents=True, exist_ok=True)
+        if os.getuid() == 0:
+            self.root.chmod(0o755)  # the auth and mail processes run as `dovecot`
+        (self.root / "state").mkdir(parents=True, exist_ok=True)
+        if not self.ca_file.exists():
+            make_ca(self.root / "ca")
+        lines = [f"{u}:{{PLAIN}}{p}::::::" for u, p in self.users.items()]
+        (self.root / "passwd").write_text("\n".join(lines) + "\n")
+        for u in self.users:
+            home = self.root / "home" / u
+            (home / "Maildir").mkdir(parents=True, exist_ok=True)
+            if os.getuid() == 0:
+                for p in (home, home / "Maildir"):
+                    os.chown(p, uid, gid)
+        internal = "" if os.getuid() == 0 else f"""
+default_internal_user = {me}
+default_internal_group = {me}
+default_login_user = {me}
+service anvil {{
+  chroot =
+}}"""
+        chroot = "" if os.getuid() == 0 else "  chroot =\n"
+        extra = ""
+        for name, port in self.extra_listeners.items():
+            extra += f"  inet_listener {name} {{\n    address = 127.0.0.1\n    port = {port}\n    ssl = yes\n  }}\n"
+        self.conf.write_text(f"""
+protocols = imap pop3
+listen = 127.0.0.1
+base_dir = {self.root}/run
+state_dir = {self.root}/state
+log_path = {self.root}/dovecot.log
+info_log_path = {self.root}/dovecot.log
+ssl = required
+ssl_cert = <{self.root}/ca/{self.cert}.pem
+ssl_key = <{self.root}/ca/{self.cert}.key
+ssl_min_protocol = TLSv1.2
+disable_plaintext_auth = yes
+auth_mechanisms = plain login
+passdb {{
+  driver = passwd-file
+  args = scheme=PLAIN {self.root}/passwd
+}}
+userdb {{
+  driver = static
+  args = uid={uid} gid={gid} home={self.root}/home/%u
+}}
+first_valid_uid = 1
+mail_location = maildir:~/Maildir
+namespace inbox {{
+  inbox = yes
+  separator = /
+}}
+pop3_uidl_format = %08Xu%08Xv
+{internal}
+service imap-login {{
+{chroot}  inet_listener imap {{
+    port = 0
+  }}
+  inet_listener imaps {{
+    address = 127.0.0.1
+    port = {self.imaps_port}
+    ssl = yes
+  }}
+{extra}}}
+service pop3-login {{
+{chroot}  inet_listener pop3 {{
+    port = 0
+  }}
+  inet_listener pop3s {{
+    address = 127.0.0.1
+    port = {self.pop3s_port}
+    ssl = yes
+  }}
+}}
+protocol imap {{
+  mail_max_userip_connections = 50
+}}
+{self.extra_conf}
+""")
+
+    def start(self) -> "Dovecot":
+        self.write_config()
+        subprocess.run([DOVECOT, "-c", str(self.conf)], check=True,
+                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.imaps_port), timeout=1):
+                    with socket.create_connection(("127.0.0.1", self.pop3s_port), timeout=1):
+                        return self
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"dovecot did not start; see {self.root}/dovecot.log")
+
+    def stop(self) -> None:
+        pid_file = self.root / "run" / "master.pid"
+        if not pid_file.exists():
+            return
+        subprocess.run([DOVECOT, "-c", str(self.conf), "stop"],
+                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while pid_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def doveadm(self, *args: str) -> str:
+        r = subprocess.run([DOVEADM, "-c", str(self.conf), *args], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"doveadm {' '.join(args)}: {r.stderr.strip()}")
+        return r.stdout
