@@ -262,13 +262,13 @@ def _sync_folder(acc: Account, state: State, s: ImapSession, info: FolderInfo, p
         res.gone += len(plan.gone)
 
     fetch = list(plan.fetch)
-    # 2. after a UIDVALIDITY change: re-bind what we already have without downloading it
-    old = [] if same_validity or fstate["uidvalidity"] is None else state.other_validity_records(fid, validity)
-    old = [(rid, r) for rid, r in old if r.key in on_disk]
-    if old and fetch:
+    # 2. mail we already hold under an old UID (UIDVALIDITY changed, or the server renumbered
+    #    messages): re-bind instead of storing a second copy. Never deletes anything.
+    spare = [(rid, r) for rid, r in state.off_server_records(fid, validity) if r.key in on_disk] if fetch else []
+    if spare and not same_validity:
         ids = s.message_ids(fetch)
-        by_rec = {id(r): rid for rid, r in old}
-        matched = rematch([r for _, r in old], ids)
+        by_rec = {id(r): rid for rid, r in spare}
+        matched = rematch([r for _, r in spare], ids)
         if matched:
             with state.transaction() as tx:
                 for uid, rec in matched.items():
@@ -279,9 +279,10 @@ def _sync_folder(acc: Account, state: State, s: ImapSession, info: FolderInfo, p
                     tx.rebind(by_rec[id(rec)], validity, uid, fl, kw)
             res.rebound += len(matched)
             fetch = [u for u in fetch if u not in matched]
-    old_by_hash = {}
-    for rid, r in old:
-        old_by_hash.setdefault(r.sha256, (rid, r))
+            spare = [(rid, r) for rid, r in spare if r not in matched.values()]
+    old_by_hash: dict[str, list[tuple[int, Record]]] = {}
+    for rid, r in spare:
+        old_by_hash.setdefault(r.sha256, []).append((rid, r))
 
     # 3. download: new messages and files gone from disk, in batches bounded by bytes
     sizes = {u: v[0] for u, v in new_full.items()}
@@ -302,8 +303,9 @@ def _sync_folder(acc: Account, state: State, s: ImapSession, info: FolderInfo, p
                 if uid in flags and not fl and not kw:
                     fl, kw = flags[uid]
                 sha = hashlib.sha256(body).hexdigest()
-                hit = old_by_hash.pop(sha, None)
-                if hit is not None and uid not in refetch:
+                hits = old_by_hash.get(sha)
+                hit = hits.pop() if hits and uid not in refetch else None
+                if hit is not None:
                     rebinds.append((hit[0], uid, fl, kw, hit[1]))
                     continue
                 mtime = when.timestamp() if when is not None else None

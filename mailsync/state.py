@@ -138,10 +138,11 @@ class State:
                                    (fid, uidvalidity)).fetchall()
         return {r["uid"]: _row_record(r) for r in rows}
 
-    def other_validity_records(self, fid: int, uidvalidity: int) -> list[tuple[int, Record]]:
-        """Records of a folder under an older UIDVALIDITY: (row id, record)."""
+    def off_server_records(self, fid: int, uidvalidity: int) -> list[tuple[int, Record]]:
+        """(row id, record) of a folder's messages not (or no longer) known on the server: those of
+        an older UIDVALIDITY and those marked gone. Candidates for re-matching."""
         with self._lock:
-            rows = self.db.execute("SELECT * FROM messages WHERE folder_id=? AND uidvalidity<>?",
+            rows = self.db.execute("SELECT * FROM messages WHERE folder_id=? AND (uidvalidity<>? OR on_server=0)",
                                    (fid, uidvalidity)).fetchall()
         return [(r["id"], _row_record(r)) for r in rows]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -19,9 +20,12 @@ _ids = itertools.count(1)
 def dovecot(tmp_path_factory):
     if not shutil.which("dovecot") and not Path("/usr/sbin/dovecot").exists():
         pytest.fail("Dovecot is not installed: run `make test` (it installs dovecot-imapd and dovecot-pop3d)")
-    d = Dovecot(tmp_path_factory.mktemp("dovecot")).start()
+    # not under pytest's tmp dir: as root that is 0700, and Dovecot's processes run as `dovecot`
+    root = Path(tempfile.mkdtemp(prefix="mailsync-dovecot-"))
+    d = Dovecot(root).start()
     yield d
     d.stop()
+    shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture

@@ -81,8 +81,10 @@ class Dovecot:
         (self.root / "state").mkdir(parents=True, exist_ok=True)
         if not self.ca_file.exists():
             make_ca(self.root / "ca")
-        lines = [f"{u}:{{PLAIN}}{p}::::::" for u, p in self.users.items()]
-        (self.root / "passwd").write_text("\n".join(lines) + "\n")
+        # one passwd file per user: Dovecot re-reads it by mtime, which misses quick appends
+        (self.root / "passwd.d").mkdir(exist_ok=True)
+        for u, p in self.users.items():
+            (self.root / "passwd.d" / u).write_text(f"{u}:{{PLAIN}}{p}::::::\n")
         for u in self.users:
             home = self.root / "home" / u
             (home / "Maildir").mkdir(parents=True, exist_ok=True)
@@ -115,7 +117,7 @@ disable_plaintext_auth = yes
 auth_mechanisms = plain login
 passdb {{
   driver = passwd-file
-  args = scheme=PLAIN {self.root}/passwd
+  args = scheme=PLAIN {self.root}/passwd.d/%u
 }}
 userdb {{
   driver = static
@@ -178,6 +180,37 @@ protocol imap {{
         deadline = time.monotonic() + 10
         while pid_file.exists() and time.monotonic() < deadline:
             time.sleep(0.05)
+
+    def add_user(self, name: str, password: str) -> Path:
+        (self.root / "passwd.d" / name).write_text(f"{name}:{{PLAIN}}{password}::::::\n")
+        home = self.maildir(name)
+        home.mkdir(parents=True, exist_ok=True)
+        self._own(home.parent, home)
+        return home
+
+    def _own(self, *paths: Path) -> None:
+        if os.getuid() == 0:
+            uid, gid, _ = self._ids()
+            for p in paths:
+                os.chown(p, uid, gid)
+
+    def seed(self, user: str, folder: str, messages: list[bytes], flags: str = "", start: int = 0) -> None:
+        """Write messages straight into the user's server Maildir (fast), then let Dovecot index them.
+
+        folder uses '/' as separator; flags are Maildir letters (e.g. "S" or "FS")."""
+        from mailsync.utf7 import encode
+        root = self.maildir(user)
+        path = root if folder.upper() == "INBOX" else root / ("." + ".".join(encode(p) for p in folder.split("/")))
+        for sub in ("cur", "new", "tmp"):
+            (path / sub).mkdir(parents=True, exist_ok=True)
+            self._own(path, path / sub)
+        sub = "cur" if flags else "new"
+        for i, data in enumerate(messages, start):
+            name = f"{1700000000 + i}.seed{i}_{len(data)}.test" + (f":2,{flags}" if flags else "")
+            p = path / sub / name
+            p.write_bytes(data)
+            self._own(p)
+        self.doveadm("force-resync", "-u", user, folder if folder.upper() != "INBOX" else "INBOX")
 
     def doveadm(self, *args: str) -> str:
         r = subprocess.run([DOVEADM, "-c", str(self.conf), *args], capture_output=True, text=True)

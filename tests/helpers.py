@@ -27,15 +27,8 @@ class MailUser:
     @classmethod
     def create(cls, server: Dovecot, name: str, tmp: Path) -> "MailUser":
         password = f"pw-{name}-S3cret!"
-        with open(server.root / "passwd", "a") as f:
-            f.write(f"{name}:{{PLAIN}}{password}::::::\n")
-        home = server.root / "home" / name / "Maildir"
-        home.mkdir(parents=True)
-        if os.getuid() == 0:
-            import pwd
-            pw = pwd.getpwnam("dovecot")
-            for p in (home.parent, home):
-                os.chown(p, pw.pw_uid, pw.pw_gid)
+        tmp.mkdir(parents=True, exist_ok=True)
+        server.add_user(name, password)
         u = cls(server, name, password, tmp)
         u.write_config()
         return u
@@ -106,7 +99,9 @@ class MailUser:
         c = self.imap()
         out = {}
         try:
-            for _flags, _d, name in c.list_folders():
+            for flags, _d, name in c.list_folders():
+                if {f.lower() for f in flags} & {b"\\noselect", b"\\nonexistent"}:
+                    continue
                 c.select_folder(name, readonly=True)
                 uids = c.search("ALL")
                 data = c.fetch(uids, [b"BODY.PEEK[]", b"FLAGS"]) if uids else {}

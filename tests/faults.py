@@ -1,0 +1,177 @@
+"""Small loopback endpoints for fault injection (never a stand-in for the real Dovecot):
+a TCP proxy that cuts the connection, a server that never answers, a plaintext listener,
+and a TLS listener with a certificate of our choosing."""
+
+from __future__ import annotations
+
+import datetime
+import socket
+import ssl
+import threading
+from pathlib import Path
+
+
+class _Listener:
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.closing = threading.Event()
+        self.conns: list[socket.socket] = []
+        self.thread = threading.Thread(target=self._accept_loop, daemon=True)
+        self.thread.start()
+
+    def _accept_loop(self) -> None:
+        while not self.closing.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except (TimeoutError, OSError):
+                continue
+            self.conns.append(conn)
+            threading.Thread(target=self.handle, args=(conn,), daemon=True).start()
+
+    def handle(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self.closing.set()
+        self.sock.close()
+        for c in self.conns:
+            try:
+                c.close()
+            except OSError:
+                pass
+        self.thread.join(2)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Silent(_Listener):
+    """Accepts and never says a word."""
+
+    def handle(self, conn: socket.socket) -> None:
+        self.closing.wait(60)
+
+
+class Plaintext(_Listener):
+    """An IMAP greeting in plaintext, as on port 143."""
+
+    def handle(self, conn: socket.socket) -> None:
+        try:
+            conn.sendall(b"* OK [CAPABILITY IMAP4rev1 STARTTLS] plaintext server ready\r\n")
+            self.closing.wait(10)
+        except OSError:
+            pass
+
+
+class TlsGreeter(_Listener):
+    """Completes a TLS handshake with the given certificate, then greets like IMAP."""
+
+    def __init__(self, cert: Path, key: Path) -> None:
+        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.ctx.load_cert_chain(str(cert), str(key))
+        super().__init__()
+
+    def handle(self, conn: socket.socket) -> None:
+        try:
+            conn.settimeout(5)
+            with self.ctx.wrap_socket(conn, server_side=True) as s:
+                s.sendall(b"* OK IMAP4rev1 ready\r\n")
+                self.closing.wait(5)
+        except (OSError, ssl.SSLError):
+            pass
+
+
+class CutProxy(_Listener):
+    """Forwards to 127.0.0.1:target; the first `cut_connections` connections are cut after
+    `cut_after` bytes have come from the server. Later connections pass untouched."""
+
+    def __init__(self, target: int, cut_after: int, cut_connections: int = 1) -> None:
+        self.target = target
+        self.cut_after = cut_after
+        self.cuts_left = cut_connections
+        self.cuts = 0
+        self._lock = threading.Lock()
+        super().__init__()
+
+    def handle(self, conn: socket.socket) -> None:
+        with self._lock:
+            cut = self.cuts_left > 0
+            self.cuts_left -= 1
+        try:
+            up = socket.create_connection(("127.0.0.1", self.target), timeout=10)
+        except OSError:
+            conn.close()
+            return
+        self.conns.append(up)
+        done = threading.Event()
+
+        def pump(src, dst, limit):
+            sent = 0
+            try:
+                while not done.is_set():
+                    data = src.recv(65536)
+                    if not data:
+                        break
+                    if limit is not None and sent + len(data) >= limit:
+                        dst.sendall(data[:max(limit - sent, 0)])
+                        with self._lock:
+                            self.cuts += 1
+                        break
+                    dst.sendall(data)
+                    sent += len(data)
+            except OSError:
+                pass
+            finally:
+                done.set()
+                for s in (src, dst):
+                    try:
+                        s.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+                    s.close()
+
+        threading.Thread(target=pump, args=(conn, up, None), daemon=True).start()
+        pump(up, conn, self.cut_after if cut else None)
+
+
+def make_cert(dirpath: Path, ca_cert: Path, ca_key: Path, name: str, *, hosts: list[str],
+              expired: bool = False) -> tuple[Path, Path]:
+    """A certificate signed by the test CA (optionally expired), via the cryptography package."""
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    ca = x509.load_pem_x509_certificate(ca_cert.read_bytes())
+    cakey = serialization.load_pem_private_key(ca_key.read_bytes(), None)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    start, end = (now - datetime.timedelta(days=30), now - datetime.timedelta(days=1)) if expired \
+        else (now - datetime.timedelta(days=1), now + datetime.timedelta(days=30))
+    sans = []
+    for h in hosts:
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(h)))
+        except ValueError:
+            sans.append(x509.DNSName(h))
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
+            .issuer_name(ca.subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(start).not_valid_after(end)
+            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+            .sign(cakey, hashes.SHA256()))
+    cp, kp = dirpath / f"{name}.pem", dirpath / f"{name}.key"
+    cp.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    kp.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                     serialization.NoEncryption()))
+    return cp, kp

@@ -1,0 +1,281 @@
+"""Backups against the real Dovecot: byte-exact content, flags, incremental runs, state."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import stat
+from datetime import datetime
+
+from mailsync.maildir import folder_path
+from mailsync.model import split_name
+from tests import corpus
+from tests.helpers import local_files, msg, sha
+
+LETTER = {"\\Seen": "S", "\\Answered": "R", "\\Flagged": "F", "\\Draft": "D", "\\Deleted": "T"}
+
+
+def summary(r) -> dict:
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def ok(r):
+    assert r.returncode == 0, r.stderr
+    return r
+
+
+def check_backup_matches_server(user, layout="maildir++", utf8=False):
+    """Every server message is in the backup exactly once, byte for byte, in the right folder,
+    with its flags in the file name and new/cur placement; nothing else is there."""
+    server = user.server_messages()
+    files = local_files(user.maildir)
+    seen_paths = set()
+    for folder, msgs in server.items():
+        parts = folder.split("/")
+        fdir = folder_path(user.maildir, parts, layout, utf8)
+        here = {p: b for p, b in files.items() if p.parent.parent == fdir}
+        assert len(here) == len(msgs), f"{folder}: {len(here)} files for {len(msgs)} messages"
+        by_hash = {}
+        for p, b in here.items():
+            by_hash.setdefault(sha(b), []).append(p)
+        for uid, (body, flags) in msgs.items():
+            paths = by_hash.get(sha(body))
+            assert paths, f"{folder} uid {uid} missing from the backup"
+            p = paths.pop()
+            seen_paths.add(p)
+            _, info = split_name(p.name)
+            want = "".join(sorted(LETTER[f] for f in flags if f in LETTER))
+            assert info == want, f"{p.name}: flags {info!r}, server has {sorted(flags)}"
+            assert p.parent.name == ("cur" if "\\Seen" in flags else "new")
+    assert seen_paths == set(files), f"extra files: {set(files) - seen_paths}"
+    return server
+
+
+def test_corpus_is_backed_up_byte_exact(user):
+    user.append("INBOX", [msg(1), msg(2)])
+    user.append("INBOX", [msg(3)], flags=[b"\\Seen", b"\\Flagged", b"\\Answered", b"$Work"])
+    user.append("Entwürfe", [msg(4)], flags=[b"\\Draft"])
+    user.append("Archive/2024 Q1", [msg(5), msg(6)], flags=[b"\\Seen", b"\\Deleted"])
+    user.append("Projects/Été 2026/notes", [msg(7)])
+    user.server.seed(user.name, "INBOX", corpus.MALFORMED, start=100)
+    user.server.seed(user.name, "Sent", [corpus.with_attachment(1, 200)], flags="S")
+    before = user.server_messages()
+
+    r = user.run("sync", "test", "--json")
+    s = summary(r)
+    server = check_backup_matches_server(user)
+    total = sum(len(m) for m in server.values())
+    assert s["totals"]["new"] == total >= 17
+    # fetching never marks mail as read on the server
+    assert {f: {u: fl for u, (_, fl) in m.items()} for f, m in server.items()} == \
+        {f: {u: fl for u, (_, fl) in m.items()} for f, m in before.items()}
+    # names on disk: Maildir++ with modified UTF-7, as Dovecot does
+    names = {p.name for p in user.maildir.iterdir() if p.is_dir()}
+    assert {".Entw&APw-rfe", ".Archive.2024 Q1", ".Projects.&AMk-t&AOk- 2026.notes", ".Sent"} <= names
+    # user-facing names are UTF-8
+    assert "Projects/Été 2026/notes" in {f["name"] for f in s["folders"]}
+
+
+def test_file_modes_dates_and_keywords(user):
+    user.append("INBOX", [msg(1)], flags=[b"\\Seen", b"$Label1", b"Important"])
+    c = user.imap()
+    c.select_folder("INBOX", readonly=True)
+    internaldate = c.fetch([1], [b"INTERNALDATE"])[1][b"INTERNALDATE"]
+    c.logout()
+    assert user.run("sync", "test").returncode == 0
+    [(path, _)] = local_files(user.maildir).items()
+    st = path.stat()
+    assert stat.S_IMODE(st.st_mode) == 0o600
+    assert abs(st.st_mtime - internaldate.timestamp()) < 1
+    for d in (user.maildir, user.maildir / "cur", user.maildir / "new", user.maildir / "tmp"):
+        assert stat.S_IMODE(d.stat().st_mode) == 0o700
+    db = user.maildir / ".mailsync.db"
+    assert stat.S_IMODE(db.stat().st_mode) == 0o600
+    row = sqlite3.connect(db).execute("SELECT keywords, flags, sha256 FROM messages").fetchone()
+    assert set(row[0].split("\x1f")) == {"$Label1", "Important"}
+    assert row[1] == "\\Seen"
+    assert row[2] == sha(path.read_bytes())
+    # the state holds no secret
+    assert user.password.encode() not in db.read_bytes()
+
+
+def test_incremental_run_fetches_only_new_and_updates_flags(user):
+    user.append("INBOX", [msg(i) for i in range(5)])
+    user.append("Lists", [msg(10 + i) for i in range(3)])
+    s1 = summary(user.run("sync", "test", "--json"))
+    assert s1["totals"]["new"] == 8
+    user.append("INBOX", [msg(20), msg(21)])
+    c = user.imap()
+    c.select_folder("Lists")
+    c.add_flags([1, 2], [b"\\Seen"])
+    c.add_flags([3], [b"\\Flagged", b"$Later"])
+    c.logout()
+    s2 = summary(user.run("sync", "test", "--json"))
+    assert s2["totals"]["new"] == 2
+    assert s2["totals"]["flags_changed"] == 3
+    assert s2["totals"]["bytes"] == len(msg(20)) + len(msg(21))
+    check_backup_matches_server(user)
+
+
+def test_no_change_run_changes_nothing(user):
+    user.append("INBOX", [msg(i) for i in range(4)], flags=[b"\\Seen"])
+    user.append("Work", [msg(9)])
+    ok(user.run("sync", "test"))
+    snap = {p: (b, p.stat().st_mtime_ns) for p, b in local_files(user.maildir).items()}
+    s = summary(user.run("sync", "test", "--json"))
+    assert s["totals"]["new"] == s["totals"]["flags_changed"] == s["totals"]["bytes"] == 0
+    assert all(f["skipped_unchanged"] for f in s["folders"])  # CONDSTORE: one STATUS per folder
+    assert {p: (b, p.stat().st_mtime_ns) for p, b in local_files(user.maildir).items()} == snap
+
+
+def test_expunged_on_server_stays_in_backup(user):
+    user.append("INBOX", [msg(1), msg(2), msg(3)])
+    ok(user.run("sync", "test"))
+    c = user.imap()
+    c.select_folder("INBOX")
+    c.delete_messages([2])
+    c.expunge()
+    c.logout()
+    s = summary(user.run("sync", "test", "--json"))
+    assert s["totals"]["gone_from_server"] == 1
+    assert len(local_files(user.maildir)) == 3
+    rows = sqlite3.connect(user.maildir / ".mailsync.db").execute(
+        "SELECT uid, on_server FROM messages ORDER BY uid").fetchall()
+    assert rows == [(1, 1), (2, 0), (3, 1)]
+    # and a later run does not fetch it or report it again
+    s = summary(user.run("sync", "test", "--json"))
+    assert s["totals"]["gone_from_server"] == s["totals"]["new"] == 0
+
+
+def test_file_deleted_locally_is_fetched_again(user):
+    user.append("INBOX", [msg(1), msg(2)])
+    ok(user.run("sync", "test"))
+    victim = sorted(local_files(user.maildir))[0]
+    data = victim.read_bytes()
+    victim.unlink()
+    s = summary(user.run("sync", "test", "--json"))
+    assert s["totals"]["restored"] == 1
+    assert sorted(sha(b) for b in local_files(user.maildir).values()) == sorted(
+        [sha(data), sha(next(b for p, b in local_files(user.maildir).items() if sha(b) != sha(data)))])
+    check_backup_matches_server(user)
+
+
+def test_mail_client_renaming_files_keeps_identity(user):
+    """A reader that moves a file new/ -> cur/ and adds flags must not cause duplicates."""
+    user.append("INBOX", [msg(1), msg(2)])
+    ok(user.run("sync", "test"))
+    for p in list(local_files(user.maildir)):
+        key, _ = split_name(p.name)
+        os.rename(p, user.maildir / "cur" / f"{key}:2,S")
+    s = summary(user.run("sync", "test", "--json"))
+    assert s["totals"]["new"] == s["totals"]["restored"] == 0
+    assert len(local_files(user.maildir)) == 2
+
+
+def test_folder_patterns_and_fs_layout(user):
+    user.append("INBOX", [msg(1)])
+    user.append("Trash", [msg(2)])
+    user.append("Spam", [msg(3)])
+    user.append("Entwürfe", [msg(4)])
+    user.append("A/B", [msg(5)])
+    user.write_config('layout = "fs"\nfolders = ["*", "!Trash", "!Sp*"]')
+    s = summary(user.run("sync", "test", "--json"))
+    assert sorted(f["name"] for f in s["folders"]) == ["A/B", "Entwürfe", "INBOX"]
+    assert (user.maildir / "Entwürfe" / "new").is_dir()
+    assert (user.maildir / "A" / "B" / "new").is_dir()
+    assert not (user.maildir / "Trash").exists()
+    assert len(local_files(user.maildir)) == 3
+
+
+def test_uidvalidity_change_rematches_without_deleting(user):
+    user.append("INBOX", [msg(i) for i in range(5)])
+    user.server.seed(user.name, "INBOX", [corpus.MALFORMED[6]], start=50)  # no Message-ID
+    ok(user.run("sync", "test"))
+    before = local_files(user.maildir)
+    # a new UIDVALIDITY, as after a server-side rebuild: delete Dovecot's uidlist and indexes
+    for p in user.server.maildir(user.name).glob("dovecot*"):
+        p.unlink()
+    user.server.doveadm("force-resync", "-u", user.name, "INBOX")
+    user.append("INBOX", [msg(99)])
+    r = user.run("sync", "test", "--json")
+    s = summary(r)
+    assert "UIDVALIDITY changed" in r.stderr
+    assert s["totals"]["new"] == 1  # only the truly new message is stored
+    assert s["folders"][0]["rematched"] == 6
+    after = local_files(user.maildir)
+    assert set(before) <= set(after)  # nothing deleted
+    assert len(after) == 7
+    check_backup_matches_server(user)
+    # and a further run is quiet again
+    s = summary(user.run("sync", "test", "--json"))
+    assert s["totals"]["new"] == 0 and s["folders"][0]["rematched"] == 0
+
+
+def test_uids_renumbered_without_uidvalidity_change_makes_no_duplicates(user):
+    """Dovecot keeps UIDVALIDITY but gives every message a new UID when only its uidlist is lost;
+    some servers do the same. The backup must not store a second copy of each message."""
+    user.append("INBOX", [msg(i) for i in range(4)])
+    ok(user.run("sync", "test"))
+    before = local_files(user.maildir)
+    (user.server.maildir(user.name) / "dovecot-uidlist").unlink()
+    user.server.doveadm("force-resync", "-u", user.name, "INBOX")
+    s = summary(user.run("sync", "test", "--json"))
+    assert s["totals"]["new"] == 0
+    assert local_files(user.maildir).keys() == before.keys()
+    check_backup_matches_server(user)
+
+
+def test_message_expunged_between_listing_and_fetch_is_not_written_empty(user):
+    """Dovecot answers BODY[] NIL for a message expunged by another client mid-run."""
+    from mailsync.config import parse
+    from mailsync.imap import ImapSession
+    from pathlib import Path
+
+    user.append("INBOX", [msg(1), msg(2)])
+    cfg = parse({"accounts": {"t": {"host": "127.0.0.1", "port": user.server.imaps_port, "username": user.name,
+                                    "maildir": str(user.maildir), "ca_file": str(user.server.ca_file)}}},
+                Path("/x.toml"))
+    s = ImapSession(cfg.account("t"), user.password)
+    try:
+        s.examine("INBOX")
+        other = user.imap()
+        other.select_folder("INBOX")
+        other.delete_messages([1])
+        other.expunge()
+        other.logout()
+        got = {uid: body for uid, body, *_ in s.bodies([1, 2])}
+    finally:
+        s.close()
+    assert got[1] is None or got[1] == msg(1)
+    assert got[2] == msg(2)
+
+
+def test_dovecot_serves_the_backup_as_its_own_mail_store(user, dovecot, tmp_path):
+    user.append("INBOX", [msg(1), msg(2)], flags=[b"\\Seen"])
+    user.append("Entwürfe", [msg(3)], flags=[b"\\Draft", b"\\Flagged"])
+    user.append("Archive/2024", [msg(4)])
+    user.server.seed(user.name, "INBOX", corpus.MALFORMED[:3], start=10)
+    ok(user.run("sync", "test"))
+    original = user.server_messages()
+
+    from tests.helpers import MailUser
+    import shutil
+    reader = MailUser.create(dovecot, f"{user.name}r", tmp_path / "reader")
+    assert reader.server_messages() == {"INBOX": {}}
+    home = dovecot.maildir(reader.name)
+    shutil.rmtree(home)
+    shutil.copytree(user.maildir, home)
+    if os.getuid() == 0:
+        import pwd
+        pw = pwd.getpwnam("dovecot")
+        for dirpath, dirs, files in os.walk(home):
+            os.chown(dirpath, pw.pw_uid, pw.pw_gid)
+            for f in files:
+                os.chown(os.path.join(dirpath, f), pw.pw_uid, pw.pw_gid)
+    served = reader.server_messages()
+    assert set(served) == set(original)  # same folders, no extra ones (no ".mailsync" folder)
+    for folder in original:
+        assert sorted((sha(b), sorted(f)) for b, f in original[folder].values()) == \
+            sorted((sha(b), sorted(f)) for b, f in served[folder].values()), folder
