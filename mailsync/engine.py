@@ -204,7 +204,7 @@ def _sync_folder(acc: Account, state: State, s: ImapSession, info: FolderInfo, p
     known_keys = state.keys(fid)
     stranded = (mf.tmp_keys() & known_keys) - on_disk.keys()
     if stranded:
-        flags_by_key = {r.key: r.flags for r in state.records(fid, fstate["uidvalidity"] or 0).values()}
+        flags_by_key = state.flags_by_key(fid)
         for key in stranded:
             name = mf.publish(key, flags_by_key.get(key, frozenset()))
             on_disk[key] = ("cur" if "\\Seen" in flags_by_key.get(key, ()) else "new", name)
