@@ -196,7 +196,7 @@ def _account(name: str, sec, path: Path, warnings: list[str]) -> Account:
     if not maildir.is_absolute():
         maildir = path.parent / maildir
 
-    timeout = float(sec.get("timeout", 60))
+    timeout = sec.get("timeout", 60)
     if not 1 <= timeout <= 3600:
         raise ConfigError(f"{where}: 'timeout' must be between 1 and 3600 seconds")
     connections = sec.get("connections", 3)
@@ -225,7 +225,7 @@ def _account(name: str, sec, path: Path, warnings: list[str]) -> Account:
         folders=folders,
         layout=layout,
         utf8_names=sec.get("utf8_names", layout == "fs"),
-        timeout=timeout,
+        timeout=float(timeout),
         connections=connections,
         batch_bytes=batch_bytes,
         retries=retries,

@@ -71,7 +71,7 @@ def storage_error(exc: OSError, what: str) -> StorageError:
 def _escape(text: str, unsafe: str) -> str:
     out = []
     for ch in text:
-        if ch in unsafe or ch == "%" or ord(ch) < 0x20 or ord(ch) == 0x7F:
+        if ch in unsafe or ch == "%" or ord(ch) < 0x20 or 0x7F <= ord(ch) <= 0x9F:
             out.append("".join(f"%{b:02X}" for b in ch.encode("utf-8")))
         else:
             out.append(ch)
@@ -99,6 +99,8 @@ def folder_path(root: Path, parts: list[str], layout: str, utf8_names: bool) -> 
         return root
     comps = [disk_component(p, layout, utf8_names) for p in parts]
     if layout == "maildir++":
+        if comps[0] == "mailsync":  # .mailsync.db, .mailsync.lock are ours
+            comps[0] = "%6Dailsync"
         return root / ("." + ".".join(comps))
     return root.joinpath(*comps)
 

@@ -20,7 +20,7 @@ def plan_backup(server: ServerView, known: Mapping[int, Record], on_disk: Set[st
     gone: list[int] = []
     back: list[int] = []
     for uid, rec in known.items():
-        on_server = uid in present if present is not None else True
+        on_server = uid in present if present is not None else rec.on_server
         if not on_server:
             if rec.on_server:
                 gone.append(uid)

@@ -28,6 +28,21 @@ def dovecot(tmp_path_factory):
     shutil.rmtree(root, ignore_errors=True)
 
 
+@pytest.fixture(scope="session")
+def basic_dovecot():
+    """A second Dovecot that advertises only IMAP4rev1 basics: no CONDSTORE, QRESYNC, ESEARCH."""
+    root = Path(tempfile.mkdtemp(prefix="mailsync-dovecot-basic-"))
+    d = Dovecot(root, extra_conf="protocol imap {\n  imap_capability = IMAP4rev1 LITERAL+ SASL-IR ID\n}\n").start()
+    yield d
+    d.stop()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def basic_user(basic_dovecot, tmp_path) -> MailUser:
+    return MailUser.create(basic_dovecot, f"b{os.getpid()}x{next(_ids)}", tmp_path)
+
+
 @pytest.fixture
 def user(dovecot, tmp_path) -> MailUser:
     """A new, empty mail account on the shared Dovecot, and a config file pointing at it."""

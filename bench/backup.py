@@ -1,0 +1,110 @@
+"""Benchmark: full backup of N messages from a local Dovecot, a no-change re-run, and a re-run
+after 1% of flags changed on the server. `make bench` (or python -m bench.backup --messages N).
+
+Prints one Markdown table; numbers are wall-clock seconds of the whole `mailsync sync` process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from tests import corpus
+from tests.dovecot import Dovecot
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def build_corpus(server: Dovecot, user: str, n: int, folders: int, seed: int = 1) -> int:
+    rnd = random.Random(seed)
+    total = 0
+    per = n // folders
+    for f in range(folders):
+        name = "INBOX" if f == 0 else f"Folder {f}/Sub"
+        msgs = []
+        for i in range(per):
+            r = rnd.random()
+            size = rnd.randint(20_000, 100_000) if r < 0.09 else (rnd.randint(1_000_000, 2_000_000) if r < 0.095
+                                                                  else rnd.randint(1_500, 8_000))
+            m = corpus.ordinary(f * 1_000_000 + i, size, tag=f"b{f}-")
+            msgs.append(m)
+            total += len(m)
+        server.seed(user, name, msgs[: per // 2], flags="S", start=f * 1_000_000)
+        server.seed(user, name, msgs[per // 2:], start=f * 1_000_000 + per // 2)
+    return total
+
+
+def run(config: Path, *args: str) -> tuple[float, dict, int]:
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, "-m", "mailsync", "--config", str(config), "sync", "bench", "--json", *args],
+                       capture_output=True, text=True, cwd=ROOT)
+    dt = time.perf_counter() - t0
+    if r.returncode != 0:
+        raise SystemExit(f"mailsync failed: {r.stderr}")
+    rss_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return dt, json.loads(r.stdout), rss_kb
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--messages", type=int, default=10_000)
+    ap.add_argument("--folders", type=int, default=5)
+    ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    a = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="mailsync-bench-"))
+    tmp.chmod(0o755)  # as root, Dovecot's own processes must reach the server directory
+    server = Dovecot(tmp / "server", users={"bench": "bench-pw"})
+    server.start()
+    try:
+        t0 = time.perf_counter()
+        size = build_corpus(server, "bench", a.messages, a.folders)
+        print(f"corpus: {a.messages} messages, {size / 1e6:.1f} MB in {a.folders} folders "
+              f"(built in {time.perf_counter() - t0:.1f} s)", file=sys.stderr)
+        cfg = tmp / "config.toml"
+        cfg.write_text(f"""[accounts.bench]
+host = "127.0.0.1"
+port = {server.imaps_port}
+username = "bench"
+password_env = "BENCH_PW"
+ca_file = "{server.ca_file}"
+maildir = "{tmp / 'Mail'}"
+""")
+        os.environ["BENCH_PW"] = "bench-pw"
+        full, s, rss = run(cfg)
+        assert s["totals"]["new"] == a.messages, s["totals"]
+        noop, s2, _ = run(cfg)
+        assert s2["totals"]["new"] == 0
+        # 1% of flags changed on the server
+        changed = max(1, a.messages // 100)
+        per = changed // a.folders or 1
+        for f in range(a.folders):
+            name = "INBOX" if f == 0 else f"Folder {f}/Sub"
+            server.doveadm("flags", "add", "-u", "bench", "\\Flagged", "mailbox", name, "uid", f"1:{per}")
+        flags, s3, _ = run(cfg)
+        assert s3["totals"]["flags_changed"] == per * a.folders, s3["totals"]
+        rows = [
+            ("full backup", full, f"{a.messages / full:.0f} msg/s, {size / 1e6 / full:.1f} MB/s"),
+            ("no-change re-run", noop, ""),
+            (f"re-run after {per * a.folders} flags changed", flags, ""),
+        ]
+        print(f"\n| {a.messages} messages, {size / 1e6:.0f} MB | wall s | rate |\n|---|---|---|")
+        for name, t, rate in rows:
+            print(f"| {name} | {t:.2f} | {rate} |")
+        print(f"\npeak RSS of mailsync: {rss / 1024:.0f} MB")
+    finally:
+        server.stop()
+        if not a.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
