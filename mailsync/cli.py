@@ -77,6 +77,13 @@ class _Bars:
             self.bytes.update(data["bytes"])
         elif event == "retry":
             self.msgs.write(f"{data['folder']}: {data['error']}; retrying in {data['delay']} s")
+        elif event == "folder_done":
+            f = data["result"]
+            if f.error:
+                self.msgs.write(f"{f.name}: failed: {f.error}")
+            elif f.new or f.refetched or f.flags_changed or f.gone:
+                self.msgs.write(f"{f.name}: {f.new + f.refetched} new ({_human(f.bytes)}), "
+                                f"{f.flags_changed} flags changed, {f.gone} gone, {f.seconds:.1f} s")
 
     def close(self) -> None:
         self.msgs.close()

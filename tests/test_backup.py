@@ -190,27 +190,33 @@ def test_folder_patterns_and_fs_layout(user):
 
 
 def test_uidvalidity_change_rematches_without_deleting(user):
-    user.append("INBOX", [msg(i) for i in range(5)])
-    user.server.seed(user.name, "INBOX", [corpus.MALFORMED[6]], start=50)  # no Message-ID
+    old = [msg(i) for i in range(5)] + [corpus.MALFORMED[6]]  # the last has no Message-ID
+    user.append("Work", old)
     ok(user.run("sync", "test"))
     before = local_files(user.maildir)
-    # a new UIDVALIDITY, as after a server-side rebuild: delete Dovecot's uidlist and indexes
-    for p in user.server.maildir(user.name).glob("dovecot*"):
-        p.unlink()
-    user.server.doveadm("force-resync", "-u", user.name, "INBOX")
-    user.append("INBOX", [msg(99)])
+    c = user.imap()
+    validity = c.folder_status("Work", [b"UIDVALIDITY"])[b"UIDVALIDITY"]
+    # the folder is deleted and re-created on the server (as after a migration): new UIDVALIDITY
+    c.delete_folder("Work")
+    c.logout()
+    user.append("Work", old + [msg(99)])
+    c = user.imap()
+    assert c.folder_status("Work", [b"UIDVALIDITY"])[b"UIDVALIDITY"] != validity
+    c.logout()
     r = user.run("sync", "test", "--json")
     s = summary(r)
     assert "UIDVALIDITY changed" in r.stderr
     assert s["totals"]["new"] == 1  # only the truly new message is stored
-    assert s["folders"][0]["rematched"] == 6
+    work = next(f for f in s["folders"] if f["name"] == "Work")
+    assert work["rematched"] == 6
+    assert s["totals"]["bytes"] == len(msg(99)) + 0  # Message-ID matches were not downloaded
     after = local_files(user.maildir)
     assert set(before) <= set(after)  # nothing deleted
     assert len(after) == 7
     check_backup_matches_server(user)
     # and a further run is quiet again
     s = summary(user.run("sync", "test", "--json"))
-    assert s["totals"]["new"] == 0 and s["folders"][0]["rematched"] == 0
+    assert s["totals"]["new"] == 0 and all(f["rematched"] == 0 for f in s["folders"])
 
 
 def test_uids_renumbered_without_uidvalidity_change_makes_no_duplicates(user):
