@@ -15,7 +15,7 @@ from mailsync import __version__
 from mailsync import config as config_mod
 from mailsync.errors import ConfigError, ConnectionLost, MailsyncError, PartialFailure
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=False, no_args_is_help=True, invoke_without_command=True, pretty_exceptions_enable=False,
                   help="Keep a local Maildir in step with your mail servers.")
 
 _opts: dict = {}
@@ -42,8 +42,9 @@ def _fail(exc: BaseException, debug: bool) -> None:
     raise typer.Exit(1)
 
 
-@app.callback()
+@app.callback(invoke_without_command=True)
 def main_options(
+    ctx: typer.Context,
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="Config file (default: $MAILSYNC_CONFIG or "
                                           "$XDG_CONFIG_HOME/mailsync/config.toml)."),
     debug: bool = typer.Option(False, "--debug", help="Log what happens, show tracebacks (never passwords)."),
@@ -52,6 +53,9 @@ def main_options(
     if version:
         typer.echo(f"mailsync {__version__}")
         raise typer.Exit(0)
+    if ctx.invoked_subcommand is None:
+        typer.echo(ctx.get_help())
+        raise typer.Exit(2)
     _opts["config"] = config
     _opts["debug"] = debug
 
@@ -152,7 +156,7 @@ def sync(
 
 def _line(r) -> str:
     fs = r.folders
-    new = sum(f.new + f.refetched for f in fs)
+    new = sum(f.new for f in fs)
     parts = [f"{r.account}: {len(fs)} folders", f"{new} new ({_human(sum(f.bytes for f in fs))})",
              f"{sum(f.flags_changed for f in fs)} flags changed",
              f"{sum(f.gone for f in fs)} gone from server"]

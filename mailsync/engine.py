@@ -22,7 +22,7 @@ from mailsync.errors import ConnectionLost, MailsyncError, ServerError, StorageE
 from mailsync.folders import map_paths, selected
 from mailsync.imap import FolderInfo, ImapSession, message_id
 from mailsync.maildir import MaildirFolder, make_dirs
-from mailsync.model import FolderResult, Record, ServerView
+from mailsync.model import FolderResult, Record, ServerView, flags_from_letters, split_name
 from mailsync.plan import batches, plan_backup, rematch
 from mailsync.state import RunLock, State
 
@@ -59,18 +59,31 @@ class _Pool:
         self._lock = threading.Lock()
 
     def take(self) -> ImapSession:
-        with self._lock:
-            try:
-                return self._free.get_nowait()
-            except queue.Empty:
-                if self._opened < self.size:
+        while True:
+            with self._lock:
+                try:
+                    return self._free.get_nowait()
+                except queue.Empty:
+                    pass
+                open_new = self._opened < self.size
+                if open_new:
                     self._opened += 1
-                    open_new = True
-                else:
-                    open_new = False
-        if open_new:
+            if not open_new:
+                try:
+                    return self._free.get(timeout=0.5)
+                except queue.Empty:
+                    continue  # a session may have been dropped meanwhile: maybe open one
             try:
                 s = ImapSession(self.acc, self._password)
+            except MailsyncError:
+                with self._lock:
+                    self._opened -= 1
+                    if self._opened == 0:
+                        raise
+                    # e.g. a provider's connection limit: share the sessions we have
+                    self.size = self._opened
+                log.info("could not open another connection; continuing with %d", self.size)
+                continue
             except BaseException:
                 with self._lock:
                     self._opened -= 1
@@ -78,7 +91,6 @@ class _Pool:
             with self._lock:
                 self._all.append(s)
             return s
-        return self._free.get()
 
     def give(self, s: ImapSession) -> None:
         self._free.put(s)
@@ -130,8 +142,14 @@ def _run(acc: Account, state: State, pool: _Pool, session: ImapSession, result: 
     if len(work) <= 1 or acc.connections == 1:
         results = [runner(f, paths[f.name]) for f in work]
     else:
-        with ThreadPoolExecutor(max_workers=min(acc.connections, len(work))) as ex:
+        ex = ThreadPoolExecutor(max_workers=min(acc.connections, len(work)))
+        try:
             results = list(ex.map(lambda f: runner(f, paths[f.name]), work))
+        except BaseException:
+            runner.stop.set()  # Ctrl-C: workers stop at their next batch
+            ex.shutdown(wait=True, cancel_futures=True)
+            raise
+        ex.shutdown()
     result.folders.extend(results)
     fatal = next((r for r in results if isinstance(getattr(r, "_fatal", None), StorageError)), None)
     if fatal is not None:
@@ -161,8 +179,12 @@ class _FolderRunner:
                 break
             else:
                 try:
-                    _sync_folder(self.acc, self.state, session, info, path, res, self.progress)
+                    _sync_folder(self.acc, self.state, session, info, path, res, self.progress, self.stop)
                     self.pool.give(session)
+                    break
+                except Stopped:
+                    self.pool.give(session)
+                    res.error = "interrupted"
                     break
                 except ServerError as exc:
                     self.pool.give(session)
@@ -183,7 +205,7 @@ class _FolderRunner:
                 res._lost = True  # type: ignore[attr-defined]
                 break
             delay = min(2 ** (attempt - 1), 30)
-            log.warning("%s: %s; retrying in %ss", info.name, err, delay)
+            log.info("%s: %s; retrying in %ss", info.name, err, delay)
             self.progress("retry", {"folder": info.name, "error": str(err), "delay": delay})
             time.sleep(delay)
         res.seconds = time.monotonic() - t0
@@ -191,8 +213,12 @@ class _FolderRunner:
         return res
 
 
+class Stopped(Exception):
+    """The run was interrupted (Ctrl-C): stop between batches; what is saved stays saved."""
+
+
 def _sync_folder(acc: Account, state: State, s: ImapSession, info: FolderInfo, path: Path,
-                 res: FolderResult, progress: Progress) -> None:
+                 res: FolderResult, progress: Progress, stop: threading.Event) -> None:
     rel = "." if path == acc.maildir else str(path.relative_to(acc.maildir))
     fstate = state.folder(info.name, rel)
     fid = fstate["id"]
@@ -209,7 +235,7 @@ def _sync_folder(acc: Account, state: State, s: ImapSession, info: FolderInfo, p
             name = mf.publish(key, flags_by_key.get(key, frozenset()))
             on_disk[key] = ("cur" if "\\Seen" in flags_by_key.get(key, ()) else "new", name)
         mf.sync_dirs()
-    mf.clean_tmp(keep=known_keys)
+    mf.clean_tmp(keep=known_keys - on_disk.keys())  # also a tmp link left by a kill inside publish()
 
     st = s.status(info.name)
     unchanged = (
@@ -258,6 +284,8 @@ def _sync_folder(acc: Account, state: State, s: ImapSession, info: FolderInfo, p
                 tx.set_flags(fid, validity, uid, fl, kw)
             tx.set_on_server(fid, validity, plan.gone, False)
             tx.set_on_server(fid, validity, plan.back, True)
+            if plan.set_flags:
+                mf.sync_dirs()  # renames durable before the state records them
         res.flags_changed += len(plan.set_flags)
         res.gone += len(plan.gone)
 
@@ -280,9 +308,20 @@ def _sync_folder(acc: Account, state: State, s: ImapSession, info: FolderInfo, p
             res.rebound += len(matched)
             fetch = [u for u in fetch if u not in matched]
             spare = [(rid, r) for rid, r in spare if r not in matched.values()]
-    old_by_hash: dict[str, list[tuple[int, Record]]] = {}
+    old_by_hash: dict[str, list[tuple[int | None, Record]]] = {}
     for rid, r in spare:
         old_by_hash.setdefault(r.sha256, []).append((rid, r))
+    # files the state does not know (a lost or moved-aside state, a Maildir made by another
+    # tool): adopted when a downloaded message has the same bytes, instead of stored twice
+    if fetch:
+        for key in on_disk.keys() - known_keys:
+            try:
+                data = mf.read(on_disk[key])
+            except OSError:
+                continue
+            rec = Record(uid=0, key=key, flags=flags_from_letters(split_name(on_disk[key][1])[1] or ""),
+                         size=len(data), sha256=hashlib.sha256(data).hexdigest())
+            old_by_hash.setdefault(rec.sha256, []).append((None, rec))
 
     # 3. download: new messages and files gone from disk, in batches bounded by bytes
     sizes = {u: v[0] for u, v in new_full.items()}
@@ -293,8 +332,10 @@ def _sync_folder(acc: Account, state: State, s: ImapSession, info: FolderInfo, p
     progress("folder_start", {"folder": info.name, "messages": len(todo),
                               "bytes": sum(sizes.get(u, 0) for u in todo)})
     for batch in batches(sizes, todo, acc.batch_bytes):
+        if stop.is_set():
+            raise Stopped()
         staged: list[tuple[str, Record, float | None]] = []
-        rebinds: list[tuple[int, int, frozenset[str], frozenset[str], Record]] = []
+        rebinds: list[tuple[int | None, int, frozenset[str], frozenset[str], Record]] = []
         got_bytes = 0
         try:
             for uid, body, fl, kw, when in s.bodies(batch):
@@ -306,7 +347,11 @@ def _sync_folder(acc: Account, state: State, s: ImapSession, info: FolderInfo, p
                 hits = old_by_hash.get(sha)
                 hit = hits.pop() if hits and uid not in refetch else None
                 if hit is not None:
-                    rebinds.append((hit[0], uid, fl, kw, hit[1]))
+                    rid, rec = hit
+                    if rid is None:  # adopt an unknown local file with these exact bytes
+                        rec = Record(uid=uid, key=rec.key, flags=rec.flags, keywords=kw, size=len(body),
+                                     sha256=sha, message_id=message_id(body))
+                    rebinds.append((rid, uid, fl, kw, rec))
                     continue
                 mtime = when.timestamp() if when is not None else None
                 key = mf.stage(body, mtime)
@@ -325,7 +370,11 @@ def _sync_folder(acc: Account, state: State, s: ImapSession, info: FolderInfo, p
             for key, rec, mtime in staged:
                 tx.add(fid, validity, rec, mtime)
             for rid, uid, fl, kw, rec in rebinds:
-                tx.rebind(rid, validity, uid, fl, kw)
+                if rid is None:
+                    tx.add(fid, validity, Record(uid=uid, key=rec.key, flags=fl, keywords=kw, size=rec.size,
+                                                 sha256=rec.sha256, message_id=rec.message_id), None)
+                else:
+                    tx.rebind(rid, validity, uid, fl, kw)
         crashpoint.hit("recorded")
         for key, rec, _ in staged:
             mf.publish(key, rec.flags)

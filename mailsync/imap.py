@@ -138,6 +138,9 @@ class ImapSession:
             try:
                 self.client.login(acc.username, password)
             except imapx.LoginError as exc:
+                if isinstance(exc.__context__, imaplib.IMAP4.abort):
+                    raise ConnectionLost(f"{self.where} closed the connection during login: {_text(exc)}",
+                                         hint="run again; if it persists the server may limit connections") from None
                 raise AuthError(f"login as {acc.username} at {self.where} failed: {_text(exc)}",
                                 hint="check username and password (an app password may be needed)") from None
             self.caps = {c.decode().upper() if isinstance(c, bytes) else c.upper()
@@ -145,6 +148,13 @@ class ImapSession:
             self.condstore = "CONDSTORE" in self.caps or "QRESYNC" in self.caps
             if self.condstore and "ENABLE" in self.caps:
                 self._call(self.client.enable, "CONDSTORE")
+        except (OSError, EOFError, imaplib.IMAP4.abort) as exc:
+            self.close()
+            if isinstance(exc, (socket.timeout, TimeoutError)):
+                raise ConnectError(f"{self.where} did not answer within {acc.timeout:g} s",
+                                   hint="check the server, or raise timeout for slow servers") from None
+            raise ConnectionLost(f"connection to {self.where} lost during login: {_text(exc)}",
+                                 hint="run again; check port and server") from None
         except BaseException:
             self.close()
             raise

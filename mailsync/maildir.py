@@ -88,7 +88,7 @@ def disk_component(name: str, layout: str, utf8_names: bool) -> str:
     text = _escape(text, "/")
     if text.startswith("."):
         text = "%2E" + text[1:]
-    if text in SUBDIRS:
+    if text.lower() in SUBDIRS:  # also on case-insensitive file systems
         text = f"%{ord(text[0]):02X}{text[1:]}"
     return text
 

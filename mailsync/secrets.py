@@ -15,12 +15,21 @@ from mailsync.errors import ConfigError
 def password(acc: Account) -> str:
     where = f"[accounts.{acc.name}]"
     if acc.password_command is not None:
-        argv = acc.password_command if isinstance(acc.password_command, list) else shlex.split(acc.password_command)
+        try:
+            argv = acc.password_command if isinstance(acc.password_command, list) \
+                else shlex.split(acc.password_command)
+        except ValueError as exc:
+            raise ConfigError(f"{where} password_command cannot be parsed: {exc}") from None
+        if not argv:
+            raise ConfigError(f"{where} password_command is empty")
         try:
             r = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=120)
         except FileNotFoundError:
             raise ConfigError(f"{where} password_command: program '{argv[0]}' not found",
                               hint="give the full path, or a list like [\"sh\", \"-c\", \"...\"] for a shell") from None
+        except OSError as exc:
+            raise ConfigError(f"{where} password_command: cannot run '{argv[0]}': {exc.strerror}",
+                              hint="check the path and that the file is executable") from None
         except subprocess.TimeoutExpired:
             raise ConfigError(f"{where} password_command did not finish within 120 seconds") from None
         if r.returncode != 0:

@@ -81,7 +81,8 @@ class State:
             self._migrate()
         except sqlite3.DatabaseError as exc:
             raise StorageError(f"state file {self.path} is unreadable: {exc}",
-                               hint="move it aside and run again; messages are re-matched, none is lost") from None
+                               hint="move it aside and run again: files already in the Maildir are matched by content "
+                                    "and not stored twice") from None
         except OSError as exc:
             raise StorageError(f"cannot open state file {self.path}: {exc.strerror}") from None
 

@@ -285,3 +285,24 @@ def test_dovecot_serves_the_backup_as_its_own_mail_store(user, dovecot, tmp_path
     for folder in original:
         assert sorted((sha(b), sorted(f)) for b, f in original[folder].values()) == \
             sorted((sha(b), sorted(f)) for b, f in served[folder].values()), folder
+
+
+def test_lost_state_file_adopts_existing_files_instead_of_duplicating(user):
+    user.append("INBOX", [msg(1), msg(2)], flags=[b"\\Seen"])
+    user.append("Work", [msg(3)])
+    ok(user.run("sync", "test"))
+    before = local_files(user.maildir)
+    for p in user.maildir.glob(".mailsync.db*"):
+        p.unlink()
+    s = summary(user.run("sync", "test", "--json"))
+    assert s["totals"]["new"] == 0
+    assert local_files(user.maildir) == before
+    check_backup_matches_server(user)
+    assert summary(user.run("sync", "test", "--json"))["totals"]["new"] == 0
+
+
+def test_version_and_help(user):
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "mailsync", "--version"], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.startswith("mailsync ")

@@ -62,3 +62,19 @@ def test_sigkill_at_a_random_moment_then_rerun(user, delay):
     r = user.run("sync", "test")
     assert r.returncode == 0, r.stderr
     assert_exactly_once(user)
+
+
+def test_ctrl_c_stops_promptly_and_a_rerun_completes(user):
+    seed(user)
+    p = user.popen("sync", "test")
+    time.sleep(0.4)
+    t0 = time.monotonic()
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=30)
+    assert time.monotonic() - t0 < 10
+    assert p.returncode in (0, 130), err  # 0 if it had already finished
+    if p.returncode == 130:
+        assert b"interrupted" in err and b"Traceback" not in err
+    r = user.run("sync", "test")
+    assert r.returncode == 0, r.stderr
+    assert_exactly_once(user)
