@@ -7,6 +7,7 @@ since Dovecot refuses to access mail as uid 0).
 from __future__ import annotations
 
 import os
+import grp
 import pwd
 import shutil
 import socket
@@ -64,15 +65,15 @@ class Dovecot:
     def maildir(self, user: str) -> Path:
         return self.root / "home" / user / "Maildir"
 
-    def _ids(self) -> tuple[int, int, str]:
+    def _ids(self) -> tuple[int, int, str, str]:
         if os.getuid() == 0:
             pw = pwd.getpwnam("dovecot")
-            return pw.pw_uid, pw.pw_gid, "root"
+            return pw.pw_uid, pw.pw_gid, "root", "root"
         pw = pwd.getpwuid(os.getuid())
-        return pw.pw_uid, pw.pw_gid, pw.pw_name
+        return pw.pw_uid, pw.pw_gid, pw.pw_name, grp.getgrgid(os.getgid()).gr_name
 
     def write_config(self) -> None:
-        uid, gid, me = self._ids()
+        uid, gid, me, group = self._ids()
         self.imaps_port = self.imaps_port or free_port()
         self.pop3s_port = self.pop3s_port or free_port()
         (self.root / "run").mkdir(parents=True, exist_ok=True)
@@ -93,7 +94,7 @@ class Dovecot:
                     os.chown(p, uid, gid)
         internal = "" if os.getuid() == 0 else f"""
 default_internal_user = {me}
-default_internal_group = {me}
+default_internal_group = {group}
 default_login_user = {me}
 service anvil {{
   chroot =
@@ -159,8 +160,15 @@ protocol imap {{
 
     def start(self) -> "Dovecot":
         self.write_config()
-        subprocess.run([DOVECOT, "-c", str(self.conf)], check=True,
-                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # stderr to a file, not a pipe: the daemon's children inherit it and a pipe never closes
+        with open(self.root / "dovecot.stderr", "wb") as err:
+            r = subprocess.run([DOVECOT, "-c", str(self.conf)], stdin=subprocess.DEVNULL,
+                               stdout=subprocess.DEVNULL, stderr=err, timeout=30)
+        if r.returncode != 0:
+            log = self.root / "dovecot.log"
+            tail = log.read_text()[-500:] if log.exists() else ""
+            msg = (self.root / "dovecot.stderr").read_text()[-500:]
+            raise RuntimeError(f"dovecot failed to start: {msg} {tail}")
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             try:
@@ -190,7 +198,7 @@ protocol imap {{
 
     def _own(self, *paths: Path) -> None:
         if os.getuid() == 0:
-            uid, gid, _ = self._ids()
+            uid, gid, _, _ = self._ids()
             for p in paths:
                 os.chown(p, uid, gid)
 
