@@ -97,7 +97,9 @@ class _Bars:
 @app.command()
 def sync(
     account: str = typer.Argument(..., help="Account name from the config."),
-    mode: Optional[str] = typer.Option(None, "--mode", help="Override the account's mode (backup)."),
+    mode: Optional[str] = typer.Option(None, "--mode", help="Override the account's mode: backup or sync."),
+    dry_run: bool = typer.Option(False, "--dry-run", "-n", help="Print what would be done; change nothing."),
+    force: bool = typer.Option(False, "--force", help="Go ahead even when the deletion guard trips."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing unless something fails (for cron)."),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary on stdout."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="Config file."),
@@ -113,9 +115,9 @@ def sync(
             typer.echo(f"mailsync: warning: {w}", err=True)
         acc = cfg.account(account)
         mode = mode or acc.mode
-        if mode != "backup":
+        if mode not in ("backup", "sync"):
             raise ConfigError(f"[accounts.{acc.name}] mode '{mode}' is not available in mailsync {__version__}",
-                              hint='use mode = "backup"')
+                              hint='use mode = "backup" or "sync"')
         if acc.protocol != "imap":
             raise ConfigError(f"[accounts.{acc.name}] protocol '{acc.protocol}' is not available in mailsync "
                               f"{__version__}", hint='use protocol = "imap"')
@@ -123,7 +125,9 @@ def sync(
         pw = secrets.password(acc)
         bars = _Bars() if (sys.stderr.isatty() and not quiet and not as_json) else None
         try:
-            result = engine.backup(acc, pw, progress=bars or engine._quiet)
+            from mailsync.folderjob import Options
+            result = engine.run(acc, pw, mode=mode, progress=bars or engine._quiet,
+                                opts=Options(dry_run=dry_run, force=force))
         finally:
             if bars:
                 bars.close()
@@ -137,16 +141,24 @@ def sync(
     failed = result.failed
     code = 0
     if failed:
-        code = ConnectionLost.exit_code if all(getattr(f, "_lost", False) for f in failed) \
-            else PartialFailure.exit_code
+        if all(getattr(f, "_lost", False) for f in failed):
+            code = ConnectionLost.exit_code
+        elif all(getattr(f, "_safety", False) for f in failed):
+            code = 10
+        else:
+            code = PartialFailure.exit_code
     if as_json:
         typer.echo(json.dumps(_summary(result, code), indent=2, ensure_ascii=False))
+    if dry_run and not as_json:
+        typer.echo(_dry_run_text(result))
     for f in result.folders:
+        for c in f.conflicts:
+            typer.echo(f"mailsync: conflict: {f.name}: {c}", err=True)
         for n in f.notices:  # notices go to stderr even with --quiet: cron mails them
             typer.echo(f"mailsync: notice: {f.name}: {n}", err=True)
     for f in failed:
         typer.echo(f"mailsync: error: {f.name}: {f.error}", err=True)
-    if not quiet and not as_json:
+    if not quiet and not as_json and not dry_run:
         typer.echo(_line(result))
     if failed and not as_json:
         typer.echo(f"mailsync: {len(failed)} of {len(result.folders)} folders failed; "
@@ -160,12 +172,50 @@ def _line(r) -> str:
     parts = [f"{r.account}: {len(fs)} folders", f"{new} new ({_human(sum(f.bytes for f in fs))})",
              f"{sum(f.flags_changed for f in fs)} flags changed",
              f"{sum(f.gone for f in fs)} gone from server"]
+    if any(f.uploaded or f.flags_pushed or f.deleted_local or f.deleted_remote for f in fs):
+        parts.append(f"{sum(f.uploaded for f in fs)} uploaded, {sum(f.flags_pushed for f in fs)} flags pushed, "
+                     f"{sum(f.deleted_local for f in fs)} deleted locally, "
+                     f"{sum(f.deleted_remote for f in fs)} deleted on server")
+    if r.created:
+        parts.append(f"{len(r.created)} folders created on server")
     if any(f.refetched for f in fs):
         parts.append(f"{sum(f.refetched for f in fs)} restored")
     if any(f.rebound for f in fs):
         parts.append(f"{sum(f.rebound for f in fs)} re-matched")
     parts.append(f"{r.seconds:.1f} s")
     return ", ".join(parts)
+
+
+def _dry_run_text(r) -> str:
+    lines = [f"{r.account}: dry run, nothing was changed"]
+    for name in r.created:
+        lines.append(f"  create folder on server: {name}")
+    for f in r.folders:
+        p = f.plan
+        if f.error:
+            lines.append(f"  {f.name}: {f.error}")
+        if p is None or getattr(p, "empty", True):
+            continue
+        lines.append(f"  {f.name}:")
+        for label, items in (("download from server", p.fetch), ("upload to server", p.upload),
+                             ("download again (removed locally, changed on server)", p.refetch),
+                             ("upload again (expunged on server, changed locally)", p.reupload),
+                             ("delete locally (expunged on server)", p.delete_local),
+                             ("delete on server (removed locally)", p.delete_remote)):
+            if items:
+                lines.append(f"    {label}: {len(items)}  [{_short(items)}]")
+        if p.push:
+            lines.append(f"    set flags on server: {len(p.push)}  [" + ", ".join(
+                f"UID {u} " + " ".join([f"+{x}" for x in sorted(a)] + [f"-{x}" for x in sorted(rm)])
+                for u, a, rm in p.push[:5]) + (" ..." if len(p.push) > 5 else "") + "]")
+        if p.pull:
+            lines.append(f"    set flags locally: {len(p.pull)}")
+    return "\n".join(lines)
+
+
+def _short(items) -> str:
+    shown = ", ".join(str(i) for i in list(items)[:8])
+    return shown + (" ..." if len(items) > 8 else "")
 
 
 def _summary(r, code: int) -> dict:
@@ -177,6 +227,8 @@ def _summary(r, code: int) -> dict:
             {"name": f.name, "new": f.new, "restored": f.refetched, "flags_changed": f.flags_changed,
              "gone_from_server": f.gone, "rematched": f.rebound, "bytes": f.bytes,
              "seconds": round(f.seconds, 3), "skipped_unchanged": f.skipped, "notices": f.notices,
+             "uploaded": f.uploaded, "flags_pushed": f.flags_pushed, "deleted_local": f.deleted_local,
+             "deleted_remote": f.deleted_remote, "conflicts": f.conflicts,
              "errors": [f.error] if f.error else []}
             for f in r.folders
         ],
@@ -187,7 +239,13 @@ def _summary(r, code: int) -> dict:
             "gone_from_server": sum(f.gone for f in r.folders),
             "bytes": sum(f.bytes for f in r.folders),
             "failed_folders": sum(1 for f in r.folders if f.error),
+            "uploaded": sum(f.uploaded for f in r.folders),
+            "flags_pushed": sum(f.flags_pushed for f in r.folders),
+            "deleted_local": sum(f.deleted_local for f in r.folders),
+            "deleted_remote": sum(f.deleted_remote for f in r.folders),
+            "conflicts": sum(len(f.conflicts) for f in r.folders),
         },
+        "created_on_server": r.created,
     }
 
 

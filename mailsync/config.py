@@ -39,6 +39,9 @@ class Account:
     connections: int = 3
     batch_bytes: int = 8 * 1024 * 1024
     retries: int = 3
+    conflict: str = "server"
+    max_delete: int | None = None  # None: 10% of a folder (at least 5), never all of it
+    create: str = "both"
     source: Path | None = None  # the config file it came from
 
     def __repr__(self) -> str:  # never show secrets, even by accident
@@ -81,6 +84,9 @@ _KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "connections": ((int,), "a number of connections (1-16)"),
     "batch_bytes": ((int,), "a number of bytes"),
     "retries": ((int,), "a number of retries (0-10)"),
+    "conflict": ((str,), '"server", "local" or "union"'),
+    "max_delete": ((int,), "a number of messages"),
+    "create": ((str,), '"both", "server", "local" or "none"'),
 }
 
 
@@ -209,6 +215,12 @@ def _account(name: str, sec, path: Path, warnings: list[str]) -> Account:
     if not 0 <= retries <= 10:
         raise ConfigError(f"{where}: 'retries' must be between 0 and 10")
 
+    conflict = choice("conflict", ("server", "local", "union"), "server")
+    create = choice("create", ("both", "server", "local", "none"), "both")
+    max_delete = sec.get("max_delete")
+    if max_delete is not None and max_delete < 0:
+        raise ConfigError(f"{where}: 'max_delete' must be 0 or more")
+
     return Account(
         name=name,
         host=need("host"),
@@ -229,5 +241,8 @@ def _account(name: str, sec, path: Path, warnings: list[str]) -> Account:
         connections=connections,
         batch_bytes=batch_bytes,
         retries=retries,
+        conflict=conflict,
+        max_delete=max_delete,
+        create=create,
         source=path,
     )

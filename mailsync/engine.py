@@ -6,7 +6,6 @@ after the batch's files are durable, so an interrupted run resumes where it stop
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import queue
 import threading
@@ -16,14 +15,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mailsync import crashpoint
 from mailsync.config import Account
 from mailsync.errors import ConnectionLost, MailsyncError, ServerError, StorageError
 from mailsync.folders import map_paths, selected
-from mailsync.imap import FolderInfo, ImapSession, message_id
-from mailsync.maildir import MaildirFolder, make_dirs
-from mailsync.model import FolderResult, Record, ServerView, flags_from_letters, split_name
-from mailsync.plan import batches, plan_backup, rematch
+from mailsync.folderjob import FolderJob, Options, SafetyAbort, Stopped
+from mailsync.imap import FolderInfo, ImapSession
+from mailsync.localfolders import local_folders
+from mailsync.maildir import make_dirs
+from mailsync.model import FolderResult
 from mailsync.state import RunLock, State
 
 log = logging.getLogger("mailsync.engine")
@@ -41,6 +40,7 @@ class RunResult:
     folders: list[FolderResult] = field(default_factory=list)
     seconds: float = 0.0
     error: MailsyncError | None = None
+    created: list[str] = field(default_factory=list)
 
     @property
     def failed(self) -> list[FolderResult]:
@@ -109,6 +109,13 @@ class _Pool:
 
 def backup(acc: Account, password: str, *, progress: Progress = _quiet) -> RunResult:
     """Back up every selected folder of acc into its Maildir. Raises for whole-run failures."""
+    return run(acc, password, mode="backup", progress=progress)
+
+
+def run(acc: Account, password: str, *, mode: str, progress: Progress = _quiet,
+        opts: Options | None = None) -> RunResult:
+    """Run `mode` ("backup" or "sync") over every selected folder of acc."""
+    opts = opts or Options()
     started = time.monotonic()
     result = RunResult(account=acc.name)
     root = acc.maildir
@@ -119,7 +126,7 @@ def backup(acc: Account, password: str, *, progress: Progress = _quiet) -> RunRe
             session = ImapSession(acc, password)
             pool = _Pool(acc, password, acc.connections, session)
             try:
-                _run(acc, state, pool, session, result, progress)
+                _run(acc, state, pool, session, result, progress, mode, opts)
             finally:
                 pool.close()
         finally:
@@ -129,8 +136,11 @@ def backup(acc: Account, password: str, *, progress: Progress = _quiet) -> RunRe
 
 
 def _run(acc: Account, state: State, pool: _Pool, session: ImapSession, result: RunResult,
-         progress: Progress) -> None:
-    infos = [f for f in session.list_folders() if selected(f.name, acc.folders)]
+         progress: Progress, mode: str, opts: Options) -> None:
+    listed = session.list_folders()
+    if mode == "sync":
+        listed += _create_missing(acc, state, session, listed, result, opts)
+    infos = [f for f in listed if selected(f.name, acc.folders)]
     paths, collisions = map_paths(infos, acc.maildir, acc.layout, acc.utf8_names)
     for name, why in collisions.items():
         result.folders.append(FolderResult(name=name, error=why))
@@ -138,7 +148,7 @@ def _run(acc: Account, state: State, pool: _Pool, session: ImapSession, result: 
     # the root Maildir (INBOX) first, so the tree is a valid Maildir even if interrupted
     work.sort(key=lambda f: (paths[f.name] != acc.maildir, f.name))
     progress("folders", {"count": len(work)})
-    runner = _FolderRunner(acc, state, pool, progress)
+    runner = _FolderRunner(acc, state, pool, progress, mode, opts)
     if len(work) <= 1 or acc.connections == 1:
         results = [runner(f, paths[f.name]) for f in work]
     else:
@@ -157,8 +167,10 @@ def _run(acc: Account, state: State, pool: _Pool, session: ImapSession, result: 
 
 
 class _FolderRunner:
-    def __init__(self, acc: Account, state: State, pool: _Pool, progress: Progress) -> None:
+    def __init__(self, acc: Account, state: State, pool: _Pool, progress: Progress, mode: str,
+                 opts: Options) -> None:
         self.acc, self.state, self.pool, self.progress = acc, state, pool, progress
+        self.mode, self.opts = mode, opts
         self.stop = threading.Event()  # set on a storage error: no point going on
 
     def __call__(self, info: FolderInfo, path: Path) -> FolderResult:
@@ -179,8 +191,15 @@ class _FolderRunner:
                 break
             else:
                 try:
-                    _sync_folder(self.acc, self.state, session, info, path, res, self.progress, self.stop)
+                    job = FolderJob(self.acc, self.state, session, info, path, res, self.progress, self.stop,
+                                    self.opts)
+                    job.sync() if self.mode == "sync" else job.backup()
                     self.pool.give(session)
+                    break
+                except SafetyAbort as exc:
+                    self.pool.give(session)
+                    res.error = str(exc)
+                    res._safety = True  # type: ignore[attr-defined]
                     break
                 except Stopped:
                     self.pool.give(session)
@@ -213,186 +232,34 @@ class _FolderRunner:
         return res
 
 
-class Stopped(Exception):
-    """The run was interrupted (Ctrl-C): stop between batches; what is saved stays saved."""
-
-
-def _sync_folder(acc: Account, state: State, s: ImapSession, info: FolderInfo, path: Path,
-                 res: FolderResult, progress: Progress, stop: threading.Event) -> None:
-    rel = "." if path == acc.maildir else str(path.relative_to(acc.maildir))
-    fstate = state.folder(info.name, rel)
-    fid = fstate["id"]
-    mf = MaildirFolder(path, maildirfolder=(path != acc.maildir and acc.layout == "maildir++"))
-    mf.ensure()
-    on_disk = mf.scan()
-
-    # finish deliveries a crash interrupted: state names the key, the file is still in tmp/
-    known_keys = state.keys(fid)
-    stranded = (mf.tmp_keys() & known_keys) - on_disk.keys()
-    if stranded:
-        flags_by_key = state.flags_by_key(fid)
-        for key in stranded:
-            name = mf.publish(key, flags_by_key.get(key, frozenset()))
-            on_disk[key] = ("cur" if "\\Seen" in flags_by_key.get(key, ()) else "new", name)
-        mf.sync_dirs()
-    mf.clean_tmp(keep=known_keys - on_disk.keys())  # also a tmp link left by a kill inside publish()
-
-    st = s.status(info.name)
-    unchanged = (
-        s.condstore
-        and fstate["uidvalidity"] == st.get("uidvalidity")
-        and fstate["uidnext"] == st.get("uidnext")
-        and fstate["messages"] == st.get("messages")
-        and fstate["highestmodseq"] is not None
-        and fstate["highestmodseq"] == st.get("highestmodseq")
-    )
-    if unchanged and not (state.keys(fid, uidvalidity=fstate["uidvalidity"], on_server=True) - on_disk.keys()):
-        res.skipped = True
-        return
-
-    sel = s.examine(info.name)
-    validity = sel.get("uidvalidity") or st["uidvalidity"]
-    same_validity = fstate["uidvalidity"] == validity
-    if fstate["uidvalidity"] is not None and not same_validity:
-        res.notices.append(f"UIDVALIDITY changed ({fstate['uidvalidity']} -> {validity}): "
-                           "messages are re-matched by Message-ID, size and content; no local file is deleted")
-    known = state.records(fid, validity)
-    old_next = (fstate["uidnext"] or 1) if same_validity else 1
-    modseq = fstate["highestmodseq"] if (same_validity and s.condstore) else None
-
-    flags = s.flags(old_next, modseq) if known else {}
-    new_full = s.new_messages(old_next)
-    for uid, (_size, fl, kw) in new_full.items():
-        flags[uid] = (fl, kw)
-    exists = sel.get("exists", st.get("messages", 0))
-    known_below = sum(1 for uid, r in known.items() if r.on_server and uid < old_next)
-    if exists - len(new_full) == known_below:
-        present = None  # counts prove nothing below old_next was expunged
-    else:
-        present = frozenset(s.all_uids())
-    view = ServerView(flags=flags, new={u: v[0] for u, v in new_full.items()}, present=present)
-    plan = plan_backup(view, known, on_disk.keys())
-
-    # 1. flags and presence: rename files, then record
-    if plan.set_flags or plan.gone or plan.back:
-        with state.transaction() as tx:
-            for uid, fl, kw in plan.set_flags:
-                rec = known[uid]
-                if fl != rec.flags:
-                    name = mf.retag(rec.key, on_disk[rec.key], fl)
-                    on_disk[rec.key] = ("cur" if "\\Seen" in fl else "new", name)
-                tx.set_flags(fid, validity, uid, fl, kw)
-            tx.set_on_server(fid, validity, plan.gone, False)
-            tx.set_on_server(fid, validity, plan.back, True)
-            if plan.set_flags:
-                mf.sync_dirs()  # renames durable before the state records them
-        res.flags_changed += len(plan.set_flags)
-        res.gone += len(plan.gone)
-
-    fetch = list(plan.fetch)
-    # 2. mail we already hold under an old UID (UIDVALIDITY changed, or the server renumbered
-    #    messages): re-bind instead of storing a second copy. Never deletes anything.
-    spare = [(rid, r) for rid, r in state.off_server_records(fid, validity) if r.key in on_disk] if fetch else []
-    if spare and not same_validity:
-        ids = s.message_ids(fetch)
-        by_rec = {id(r): rid for rid, r in spare}
-        matched = rematch([r for _, r in spare], ids)
-        if matched:
-            with state.transaction() as tx:
-                for uid, rec in matched.items():
-                    fl, kw = flags.get(uid, (frozenset(), frozenset()))
-                    if fl != rec.flags:
-                        name = mf.retag(rec.key, on_disk[rec.key], fl)
-                        on_disk[rec.key] = ("cur" if "\\Seen" in fl else "new", name)
-                    tx.rebind(by_rec[id(rec)], validity, uid, fl, kw)
-            res.rebound += len(matched)
-            fetch = [u for u in fetch if u not in matched]
-            spare = [(rid, r) for rid, r in spare if r not in matched.values()]
-    old_by_hash: dict[str, list[tuple[int | None, Record]]] = {}
-    for rid, r in spare:
-        old_by_hash.setdefault(r.sha256, []).append((rid, r))
-    # files the state does not know (a lost or moved-aside state, a Maildir made by another
-    # tool): adopted when a downloaded message has the same bytes, instead of stored twice
-    if fetch:
-        for key in on_disk.keys() - known_keys:
-            try:
-                data = mf.read(on_disk[key])
-            except OSError:
-                continue
-            rec = Record(uid=0, key=key, flags=flags_from_letters(split_name(on_disk[key][1])[1] or ""),
-                         size=len(data), sha256=hashlib.sha256(data).hexdigest())
-            old_by_hash.setdefault(rec.sha256, []).append((None, rec))
-
-    # 3. download: new messages and files gone from disk, in batches bounded by bytes
-    sizes = {u: v[0] for u, v in new_full.items()}
-    for uid in plan.refetch:
-        sizes.setdefault(uid, known[uid].size)
-    todo = fetch + list(plan.refetch)
-    refetch = set(plan.refetch)
-    progress("folder_start", {"folder": info.name, "messages": len(todo),
-                              "bytes": sum(sizes.get(u, 0) for u in todo)})
-    for batch in batches(sizes, todo, acc.batch_bytes):
-        if stop.is_set():
-            raise Stopped()
-        staged: list[tuple[str, Record, float | None]] = []
-        rebinds: list[tuple[int | None, int, frozenset[str], frozenset[str], Record]] = []
-        got_bytes = 0
-        try:
-            for uid, body, fl, kw, when in s.bodies(batch):
-                if body is None:
-                    continue  # expunged by another client meanwhile: never write an empty file
-                if uid in flags and not fl and not kw:
-                    fl, kw = flags[uid]
-                sha = hashlib.sha256(body).hexdigest()
-                hits = old_by_hash.get(sha)
-                hit = hits.pop() if hits and uid not in refetch else None
-                if hit is not None:
-                    rid, rec = hit
-                    if rid is None:  # adopt an unknown local file with these exact bytes
-                        rec = Record(uid=uid, key=rec.key, flags=rec.flags, keywords=kw, size=len(body),
-                                     sha256=sha, message_id=message_id(body))
-                    rebinds.append((rid, uid, fl, kw, rec))
-                    continue
-                mtime = when.timestamp() if when is not None else None
-                key = mf.stage(body, mtime)
-                rec = Record(uid=uid, key=key, flags=fl, keywords=kw, size=len(body), sha256=sha,
-                             message_id=message_id(body))
-                staged.append((key, rec, mtime))
-                got_bytes += len(body)
-                progress("message", {"folder": info.name, "bytes": len(body)})
-        except BaseException:
-            for key, _, _ in staged:
-                mf.discard(key)
-            raise
-        mf.sync([k for k, _, _ in staged])
-        crashpoint.hit("staged")
-        with state.transaction() as tx:
-            for key, rec, mtime in staged:
-                tx.add(fid, validity, rec, mtime)
-            for rid, uid, fl, kw, rec in rebinds:
-                if rid is None:
-                    tx.add(fid, validity, Record(uid=uid, key=rec.key, flags=fl, keywords=kw, size=rec.size,
-                                                 sha256=rec.sha256, message_id=rec.message_id), None)
-                else:
-                    tx.rebind(rid, validity, uid, fl, kw)
-        crashpoint.hit("recorded")
-        for key, rec, _ in staged:
-            mf.publish(key, rec.flags)
-            crashpoint.hit("published")
-        for rid, uid, fl, kw, rec in rebinds:
-            if fl != rec.flags and rec.key in on_disk:
-                name = mf.retag(rec.key, on_disk[rec.key], fl)
-                on_disk[rec.key] = ("cur" if "\\Seen" in fl else "new", name)
-        mf.sync_dirs()
-        res.new += sum(1 for _, r, _ in staged if r.uid not in refetch)
-        res.refetched += sum(1 for _, r, _ in staged if r.uid in refetch)
-        res.rebound += len(rebinds)
-        res.bytes += got_bytes
-
-    # 4. counters last: only after everything they cover is durable
-    with state.transaction() as tx:
-        if not same_validity:
-            tx.mark_old_gone(fid, validity)
-        tx.save_folder(fid, uidvalidity=validity, uidnext=sel.get("uidnext") or st["uidnext"],
-                       highestmodseq=sel.get("highestmodseq") if s.condstore else None, messages=exists)
-    crashpoint.hit("folder")
+def _create_missing(acc: Account, state: State, session: ImapSession, listed: list[FolderInfo],
+                    result: RunResult, opts: Options) -> list[FolderInfo]:
+    """Two-way sync: a folder that exists only in the Maildir is created on the server
+    (create = "both" or "server"), unless the state knew it on the server (then it was deleted
+    there, and folder deletions never propagate: it is left alone and reported)."""
+    if acc.create not in ("both", "server"):
+        return []
+    delim = next((f.delimiter for f in listed if f.delimiter), None) or "/"
+    on_server = {f.name for f in listed}
+    known = {row["name"] for row in state.folders() if row["uidvalidity"] is not None}
+    found, bad = local_folders(acc.maildir, acc.layout, acc.utf8_names)
+    for p in bad:
+        result.folders.append(FolderResult(name=str(p), notices=[f"directory {p} is not a valid folder name; skipped"]))
+    created: list[FolderInfo] = []
+    for parts in sorted(found):
+        name = "INBOX" if parts == ("INBOX",) else delim.join(parts)
+        if name in on_server or parts == ("INBOX",) or not selected(name, acc.folders):
+            continue
+        if any(delim in p for p in parts) and len(parts) > 0:
+            result.folders.append(FolderResult(name=name, error=f"a local folder name contains the server's "
+                                               f"separator '{delim}'; rename it"))
+            continue
+        if name in known:
+            result.folders.append(FolderResult(name=name, notices=[
+                "deleted on the server; the local copy is kept (folder deletions never propagate)"]))
+            continue
+        if not opts.dry_run:
+            session.create(name)
+        created.append(FolderInfo(name=name, delimiter=delim, flags=()))
+        result.created.append(name)
+    return created

@@ -11,6 +11,7 @@ Exit codes (documented in docs/exit-codes.md):
   7  another run holds the lock
   8  local storage error (disk full, permission denied, unreadable state)
   9  some folders failed, the others were synced
+  10 the deletion guard stopped a folder (run with --force if the deletions are right)
 """
 
 from __future__ import annotations

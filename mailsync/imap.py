@@ -9,6 +9,7 @@ import contextlib
 import hashlib
 import imaplib
 import logging
+import re
 import socket
 import ssl
 from collections.abc import Iterable, Iterator
@@ -222,6 +223,86 @@ class ImapSession:
             return parse_fetch_response(data, False, True)
         return self._call(run)
 
+    # -- writing (two-way sync) ----------------------------------------------------------
+
+    def select(self, name: str) -> dict[str, int]:
+        raw = self._call(self.client.select_folder, name, readonly=False)
+        out = {}
+        for k, v in raw.items():
+            key = k.decode().lower() if isinstance(k, bytes) else str(k).lower()
+            if key in ("uidvalidity", "uidnext", "exists", "highestmodseq"):
+                out[key] = int(v[0] if isinstance(v, list) else v)
+        return out
+
+    def _tagged(self, *args: str) -> bytes:
+        """Run a command and return the tagged OK line's text (response codes live there)."""
+        def run():
+            imap = self.client._imap
+            tag = imap._command(*args)
+            typ, data = imap._command_complete(args[0] if args[0] != "UID" else args[1], tag)
+            if typ != "OK":
+                raise imaplib.IMAP4.error(f"{' '.join(args[:2])} failed: {data[-1] if data else typ}")
+            return data[-1] if data and isinstance(data[-1], bytes) else b""
+        return self._call(run)
+
+    def store(self, uids: Iterable[int], add: frozenset[str], remove: frozenset[str],
+              unchangedsince: int | None) -> set[int]:
+        """Change flags; returns the UIDs the server refused because they changed meanwhile."""
+        uids = sorted(uids)
+        if not uids:
+            return set()
+        modified: set[int] = set()
+        mod = [f"(UNCHANGEDSINCE {unchangedsince})"] if unchangedsince is not None and self.condstore else []
+        for op, fl in (("+FLAGS.SILENT", add), ("-FLAGS.SILENT", remove)):
+            if not fl:
+                continue
+            for chunk in _chunks(uids, 500):
+                text = self._tagged("UID", "STORE", seqset(chunk), *mod, op, "(" + " ".join(sorted(fl)) + ")")
+                m = _MODIFIED.search(text)
+                if m:
+                    modified |= parse_seqset(m.group(1).decode())
+        return modified
+
+    def append(self, folder: str, data: bytes, flags: frozenset[str], when: datetime | None) -> int | None:
+        """APPEND; returns the new UID when the server says it (UIDPLUS), else None."""
+        resp = self._call(self.client.append, folder, data, sorted(flags), when)
+        if "UIDPLUS" in self.caps and isinstance(resp, bytes):
+            m = _APPENDUID.search(resp)
+            if m:
+                return int(m.group(2))
+        return None
+
+    def search_message_id(self, mid: str) -> list[int]:
+        if not mid:
+            return []
+        return list(self._call(self.client.search, ["HEADER", "Message-ID", mid]))
+
+    def sizes(self, uids: Iterable[int]) -> dict[int, int]:
+        uids = sorted(uids)
+        if not uids:
+            return {}
+        raw = self._fetch(seqset(uids), [b"RFC822.SIZE"])
+        return {u: int(d.get(b"RFC822.SIZE", 0) or 0) for u, d in raw.items()}
+
+    def expunge(self, uids: Iterable[int]) -> bool:
+        """Remove messages already marked \\Deleted. UID EXPUNGE where the server has UIDPLUS;
+        otherwise plain EXPUNGE, and only when no other message is \\Deleted (returns False)."""
+        uids = sorted(uids)
+        if not uids:
+            return True
+        if "UIDPLUS" in self.caps:
+            for chunk in _chunks(uids, 500):
+                self._tagged("UID", "EXPUNGE", seqset(chunk))
+            return True
+        others = set(self._call(self.client.search, ["DELETED"])) - set(uids)
+        if others:
+            return False
+        self._call(self.client.expunge)
+        return True
+
+    def create(self, name: str) -> None:
+        self._call(self.client.create_folder, name)
+
     def all_uids(self) -> set[int]:
         return set(self._call(self.client.search, "ALL"))
 
@@ -268,6 +349,29 @@ class ImapSession:
             yield uid, body, fl, kw, when if isinstance(when, datetime) else None
 
 
+_MODIFIED = re.compile(rb"\[MODIFIED ([0-9:,]+)\]")
+_APPENDUID = re.compile(rb"\[APPENDUID (\d+) (\d+)\]")
+
+
+def parse_seqset(text: str) -> set[int]:
+    out: set[int] = set()
+    for part in text.split(","):
+        if ":" in part:
+            a, b = part.split(":")
+            lo, hi = sorted((int(a), int(b)))
+            out.update(range(lo, hi + 1))
+        elif part:
+            out.add(int(part))
+    return out
+
+
+def crlf(data: bytes) -> bytes:
+    """Bare LF -> CRLF, as IMAP APPEND needs; CRLF already present is kept."""
+    if b"\n" not in data.replace(b"\r\n", b""):
+        return data
+    return data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+
+
 def seqset(uids: Iterable[int]) -> str:
     """[1, 2, 3, 7, 9, 10] -> '1:3,7,9:10'."""
     out: list[str] = []
@@ -305,6 +409,11 @@ def message_id(data: bytes) -> str:
         value += head[line_end + 1: nxt if nxt >= 0 else len(head)]
         line_end = nxt
     return value.strip().decode("utf-8", "replace")[:998]
+
+
+def _chunks(items: list, n: int):
+    for i in range(0, len(items), n):
+        yield items[i:i + n]
 
 
 def _text(exc: BaseException) -> str:

@@ -125,3 +125,36 @@ class FolderResult:
     skipped: bool = False
     notices: list[str] = field(default_factory=list)
     error: str = ""
+    # two-way sync
+    uploaded: int = 0
+    flags_pushed: int = 0
+    deleted_local: int = 0
+    deleted_remote: int = 0
+    conflicts: list[str] = field(default_factory=list)
+    plan: object = None
+
+
+@dataclass(frozen=True)
+class SyncPlan:
+    """Two-way plan for one folder. UIDs are the server's; keys name local files."""
+
+    fetch: tuple[int, ...] = ()                # new on the server -> download
+    upload: tuple[str, ...] = ()               # new in the Maildir -> APPEND
+    push: tuple[tuple[int, frozenset[str], frozenset[str]], ...] = ()   # (uid, add, remove) on the server
+    pull: tuple[tuple[int, frozenset[str]], ...] = ()                   # (uid, flags) -> rename the file
+    record: tuple[tuple[int, frozenset[str], frozenset[str]], ...] = ()  # (uid, flags, keywords) new base
+    delete_local: tuple[int, ...] = ()         # expunged on the server -> remove the file
+    delete_remote: tuple[int, ...] = ()        # file removed locally -> \Deleted + UID EXPUNGE
+    forget: tuple[int, ...] = ()               # gone on both sides -> drop from state
+    refetch: tuple[int, ...] = ()              # removed locally but changed on the server: keep it
+    reupload: tuple[int, ...] = ()             # expunged on the server but changed locally: keep it
+    conflicts: tuple[str, ...] = ()
+
+    @property
+    def empty(self) -> bool:
+        return not any((self.fetch, self.upload, self.push, self.pull, self.record, self.delete_local,
+                        self.delete_remote, self.forget, self.refetch, self.reupload))
+
+    @property
+    def deletions(self) -> int:
+        return len(self.delete_local) + len(self.delete_remote)

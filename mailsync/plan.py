@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Set
 
-from mailsync.model import BackupPlan, Record, ServerView
+from mailsync.model import BackupPlan, Record, ServerView, SyncPlan
 
 
 def plan_backup(server: ServerView, known: Mapping[int, Record], on_disk: Set[str]) -> BackupPlan:
@@ -79,3 +79,87 @@ def rematch(old: list[Record], server: Mapping[int, tuple[int, str]]) -> dict[in
         if len(uids) == 1 and len(recs) == 1:
             out[uids[0]] = recs[0]
     return out
+
+
+CONFLICT_POLICIES = ("server", "local", "union")
+
+
+def merge_flags(base: frozenset[str], local: frozenset[str], remote: frozenset[str]) -> frozenset[str]:
+    """Per-flag three-way merge: added = now - base, removed = base - now, on each side.
+    With a base, two sides cannot disagree about one flag (each can only move it away from the
+    base, so both moved it the same way); changes to different flags both survive."""
+    added = (local - base) | (remote - base)
+    removed = (base - local) | (base - remote)
+    return (base | added) - removed
+
+
+def plan_sync(base: Mapping[int, Record], remote_flags: Mapping[int, tuple[frozenset[str], frozenset[str]]],
+              remote_present: Set[int] | None, remote_new: Set[int], local: Mapping[str, frozenset[str]],
+              conflict: str = "server") -> SyncPlan:
+    """Three-way plan for one folder.
+
+    base: the state's records (last synced flags) of messages on both sides at the last sync.
+    remote_flags: server flags of known UIDs read this run (absent = unchanged since base).
+    remote_present: every UID on the server, or None when nothing was expunged.
+    remote_new: UIDs on the server the state does not know.
+    local: key -> flags (from the file name) of every message file in the folder.
+    """
+    if conflict not in CONFLICT_POLICIES:
+        raise ValueError(conflict)
+    keys = {r.key for r in base.values()}
+    fetch = sorted(u for u in remote_new if u not in base)
+    upload = sorted(k for k in local if k not in keys)
+    push, pull, record = [], [], []
+    delete_local, delete_remote, forget, refetch, reupload, conflicts = [], [], [], [], [], []
+    for uid in sorted(base):
+        rec = base[uid]
+        r_on = uid in remote_present if remote_present is not None else True
+        l_on = rec.key in local
+        r_fl, r_kw = remote_flags.get(uid, (rec.flags, rec.keywords)) if r_on else (rec.flags, rec.keywords)
+        if not r_on and not l_on:
+            forget.append(uid)
+        elif not r_on:
+            if local[rec.key] == rec.flags:
+                delete_local.append(uid)
+            else:
+                conflicts.append(f"UID {uid}: expunged on the server, flags changed locally; "
+                                 + ("removed (conflict = server)" if conflict == "server" else "kept and uploaded again"))
+                (delete_local if conflict == "server" else reupload).append(uid)
+        elif not l_on:
+            if r_fl == rec.flags:
+                delete_remote.append(uid)
+            else:
+                conflicts.append(f"UID {uid}: removed locally, flags changed on the server; "
+                                 + ("deleted on the server (conflict = local)" if conflict == "local"
+                                    else "kept and downloaded again"))
+                (delete_remote if conflict == "local" else refetch).append(uid)
+        else:
+            merged = merge_flags(rec.flags, local[rec.key], r_fl)
+            if merged != r_fl:
+                push.append((uid, merged - r_fl, r_fl - merged))
+            if merged != local[rec.key]:
+                pull.append((uid, merged))
+            if merged != rec.flags or r_kw != rec.keywords:
+                record.append((uid, merged, r_kw))
+    return SyncPlan(fetch=tuple(fetch), upload=tuple(upload), push=tuple(push), pull=tuple(pull),
+                    record=tuple(record), delete_local=tuple(delete_local), delete_remote=tuple(delete_remote),
+                    forget=tuple(forget), refetch=tuple(refetch), reupload=tuple(reupload),
+                    conflicts=tuple(conflicts))
+
+
+def deletion_guard(plan: SyncPlan, messages: int, max_delete: int | None, fraction: float = 0.10) -> str | None:
+    """Why this plan deletes too much (None if it may go ahead). Default limit: 10% of the
+    folder (at least 5 messages); deleting every message of a folder of 2 or more always trips."""
+    n = plan.deletions
+    if n == 0:
+        return None
+    if max_delete is not None:
+        if n > max_delete:
+            return f"would delete {n} of {messages} messages (max_delete = {max_delete})"
+        return None
+    if messages >= 2 and n >= messages:
+        return f"would delete all {messages} messages"
+    limit = max(5, int(messages * fraction))
+    if n > limit:
+        return f"would delete {n} of {messages} messages (more than 10%)"
+    return None

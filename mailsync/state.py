@@ -51,6 +51,18 @@ MIGRATIONS: list[str] = [
     CREATE INDEX messages_key ON messages(folder_id, key);
     CREATE INDEX messages_hash ON messages(sha256);
     """,
+    # 2: two-way sync journals uploads, so a kill after APPEND never uploads twice
+    """
+    CREATE TABLE uploads (
+        folder_id INTEGER NOT NULL REFERENCES folders(id),
+        key TEXT NOT NULL,
+        uidnext INTEGER NOT NULL,           -- the server's UIDNEXT before the APPEND
+        size INTEGER NOT NULL,              -- bytes as uploaded (CRLF)
+        message_id TEXT NOT NULL DEFAULT '',
+        sha256 TEXT NOT NULL,
+        PRIMARY KEY (folder_id, key)
+    );
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -200,6 +212,22 @@ class State:
         """Give a record from an older UIDVALIDITY its new UID (same file, no download)."""
         self.db.execute("UPDATE messages SET uidvalidity=?, uid=?, flags=?, keywords=?, on_server=1 WHERE id=?",
                         (uidvalidity, uid, encode_flags(flags), _kw(keywords), row_id))
+
+    def forget(self, fid: int, uidvalidity: int, uids) -> None:
+        self.db.executemany("DELETE FROM messages WHERE folder_id=? AND uidvalidity=? AND uid=?",
+                            [(fid, uidvalidity, u) for u in uids])
+
+    def journal_upload(self, fid: int, key: str, uidnext: int, size: int, message_id: str, sha256: str) -> None:
+        self.db.execute("INSERT OR REPLACE INTO uploads(folder_id, key, uidnext, size, message_id, sha256)"
+                        " VALUES (?,?,?,?,?,?)", (fid, key, uidnext, size, message_id, sha256))
+
+    def clear_upload(self, fid: int, key: str) -> None:
+        self.db.execute("DELETE FROM uploads WHERE folder_id=? AND key=?", (fid, key))
+
+    def pending_uploads(self, fid: int) -> list[tuple[str, int, int, str, str]]:
+        with self._lock:
+            return [tuple(r) for r in self.db.execute(
+                "SELECT key, uidnext, size, message_id, sha256 FROM uploads WHERE folder_id=?", (fid,))]
 
     def mark_old_gone(self, fid: int, uidvalidity: int) -> None:
         self.db.execute("UPDATE messages SET on_server=0 WHERE folder_id=? AND uidvalidity<>?", (fid, uidvalidity))

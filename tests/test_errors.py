@@ -157,8 +157,8 @@ def test_server_hanging_up_every_time_exits_6_and_keeps_what_was_saved(user):
 
 
 def test_unsupported_mode_is_a_clear_error(user):
-    user.write_config('mode = "sync"')
-    one_line_error(user.run("sync", "test"), 2, "mode 'sync' is not available")
+    user.write_config('mode = "mirror"')
+    one_line_error(user.run("sync", "test"), 2, "mode 'mirror' is not available")
 
 
 def test_debug_shows_traceback_but_never_the_password(user):

@@ -1,0 +1,434 @@
+"""One folder's run: the local side made consistent, the server read, a plan made and applied.
+
+`backup()` is one-way (server -> Maildir, never deleting local mail); `sync()` is the two-way
+three-way merge. Both share the crash-safe download path and the re-matching of mail we already
+hold, so neither can store a message twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from mailsync import crashpoint
+from mailsync.config import Account
+from mailsync.errors import MailsyncError
+from mailsync.imap import FolderInfo, ImapSession, crlf, message_id
+from mailsync.maildir import MaildirFolder, storage_error
+from mailsync.model import FolderResult, Record, ServerView, flags_from_letters, split_name
+from mailsync.plan import batches, deletion_guard, plan_backup, plan_sync, rematch
+from mailsync.state import State
+
+Progress = Callable[[str, dict], None]
+
+
+class Stopped(Exception):
+    """The run was interrupted (Ctrl-C): stop between batches; what is saved stays saved."""
+
+
+class SafetyAbort(MailsyncError):
+    exit_code = 10
+
+
+@dataclass
+class Options:
+    dry_run: bool = False
+    force: bool = False
+
+
+def _place(flags) -> str:
+    return "cur" if "\\Seen" in flags else "new"
+
+
+class FolderJob:
+    def __init__(self, acc: Account, state: State, s: ImapSession, info: FolderInfo, path: Path,
+                 res: FolderResult, progress: Progress, stop: threading.Event, opts: Options) -> None:
+        self.acc, self.state, self.s, self.info, self.path = acc, state, s, info, path
+        self.res, self.progress, self.stop, self.opts = res, progress, stop, opts
+
+    # -- common steps -------------------------------------------------------------------
+
+    def prepare_local(self) -> None:
+        """Folder row, Maildir dirs, scan; finish deliveries a crash interrupted; clean tmp/."""
+        acc, state = self.acc, self.state
+        rel = "." if self.path == acc.maildir else str(self.path.relative_to(acc.maildir))
+        self.existed = (self.path / "cur").is_dir() or (self.path / "new").is_dir()
+        self.fstate = state.folder(self.info.name, rel)
+        self.fid = self.fstate["id"]
+        self.mf = MaildirFolder(self.path, maildirfolder=(self.path != acc.maildir and acc.layout == "maildir++"))
+        if not self.opts.dry_run or self.existed:
+            self.mf.ensure()
+        self.on_disk = self.mf.scan()
+        self.known_keys = state.keys(self.fid)
+        stranded = (self.mf.tmp_keys() & self.known_keys) - self.on_disk.keys()
+        if stranded and not self.opts.dry_run:
+            flags_by_key = state.flags_by_key(self.fid)
+            for key in stranded:
+                fl = flags_by_key.get(key, frozenset())
+                self.on_disk[key] = (_place(fl), self.mf.publish(key, fl))
+            self.mf.sync_dirs()
+        if not self.opts.dry_run:
+            # also removes a tmp link left by a kill inside publish()
+            self.mf.clean_tmp(keep=self.known_keys - self.on_disk.keys())
+
+    def status_unchanged(self) -> bool:
+        f = self.fstate
+        self.st = st = self.s.status(self.info.name)
+        return bool(self.s.condstore and f["uidvalidity"] == st.get("uidvalidity")
+                    and f["uidnext"] == st.get("uidnext") and f["messages"] == st.get("messages")
+                    and f["highestmodseq"] is not None and f["highestmodseq"] == st.get("highestmodseq"))
+
+    def read_server(self, writable: bool) -> None:
+        s, f = self.s, self.fstate
+        self.sel = sel = s.select(self.info.name) if writable else s.examine(self.info.name)
+        self.validity = validity = sel.get("uidvalidity") or self.st["uidvalidity"]
+        self.same_validity = f["uidvalidity"] == validity
+        if f["uidvalidity"] is not None and not self.same_validity:
+            self.res.notices.append(
+                f"UIDVALIDITY changed ({f['uidvalidity']} -> {validity}): messages are re-matched by "
+                "Message-ID, size and content; no local file is deleted")
+        self.known = self.state.records(self.fid, validity)
+        old_next = (f["uidnext"] or 1) if self.same_validity else 1
+        modseq = f["highestmodseq"] if (self.same_validity and s.condstore) else None
+        self.flags = s.flags(old_next, modseq) if self.known else {}
+        self.new_full = s.new_messages(old_next)
+        for uid, (_size, fl, kw) in self.new_full.items():
+            self.flags[uid] = (fl, kw)
+        self.exists = sel.get("exists", self.st.get("messages", 0))
+        known_below = sum(1 for uid, r in self.known.items() if r.on_server and uid < old_next)
+        if self.exists - len(self.new_full) == known_below:
+            self.present = None  # counts prove nothing below old_next was expunged
+        else:
+            self.present = frozenset(s.all_uids())
+
+    def rebind_known_mail(self, fetch: list[int]) -> list[int]:
+        """Mail we already hold under an old UID (UIDVALIDITY changed, or the server renumbered
+        messages) is re-bound instead of stored twice. Returns what is left to download."""
+        self.spare = []
+        if not fetch:
+            return fetch
+        self.spare = [(rid, r) for rid, r in self.state.off_server_records(self.fid, self.validity)
+                      if r.key in self.on_disk]
+        if self.spare and not self.same_validity:
+            ids = self.s.message_ids(fetch)
+            by_rec = {id(r): rid for rid, r in self.spare}
+            matched = rematch([r for _, r in self.spare], ids)
+            if matched:
+                with self.state.transaction() as tx:
+                    for uid, rec in matched.items():
+                        fl, kw = self.flags.get(uid, (frozenset(), frozenset()))
+                        self._retag(rec.key, fl)
+                        tx.rebind(by_rec[id(rec)], self.validity, uid, fl, kw)
+                self.res.rebound += len(matched)
+                fetch = [u for u in fetch if u not in matched]
+                self.spare = [(rid, r) for rid, r in self.spare if r not in matched.values()]
+        return fetch
+
+    def _retag(self, key: str, flags: frozenset[str]) -> None:
+        if key in self.on_disk:
+            self.on_disk[key] = (_place(flags), self.mf.retag(key, self.on_disk[key], flags))
+
+    def download(self, todo: list[int], refetch: set[int], adopt: set[str]) -> None:
+        """Fetch messages in batches bounded by bytes: stage in tmp/, flush as a group, record,
+        publish. A message whose bytes equal mail we already hold (self.spare, or an unknown local
+        file in `adopt`) is bound to that file instead."""
+        if not todo:
+            return
+        state, mf, fid, validity = self.state, self.mf, self.fid, self.validity
+        by_hash: dict[str, list[tuple[int | None, Record]]] = {}
+        for rid, r in self.spare:
+            by_hash.setdefault(r.sha256, []).append((rid, r))
+        for key in adopt:
+            try:
+                data = mf.read(self.on_disk[key])
+            except OSError:
+                continue
+            rec = Record(uid=0, key=key, flags=flags_from_letters(split_name(self.on_disk[key][1])[1] or ""),
+                         size=len(data), sha256=hashlib.sha256(data).hexdigest())
+            by_hash.setdefault(rec.sha256, []).append((None, rec))
+        sizes = {u: v[0] for u, v in self.new_full.items()}
+        for uid in refetch:
+            sizes.setdefault(uid, self.known[uid].size if uid in self.known else 0)
+        self.progress("folder_start", {"folder": self.info.name, "messages": len(todo),
+                                       "bytes": sum(sizes.get(u, 0) for u in todo)})
+        for batch in batches(sizes, todo, self.acc.batch_bytes):
+            if self.stop.is_set():
+                raise Stopped()
+            staged: list[tuple[str, Record, float | None]] = []
+            rebinds: list[tuple[int | None, int, frozenset[str], frozenset[str], Record]] = []
+            got = 0
+            try:
+                for uid, body, fl, kw, when in self.s.bodies(batch):
+                    if body is None:
+                        continue  # expunged by another client meanwhile: never write an empty file
+                    sha = hashlib.sha256(body).hexdigest()
+                    hits = by_hash.get(sha)
+                    if hits and uid not in refetch:
+                        rid, rec = hits.pop()
+                        if rid is None:  # adopt an unknown local file with these exact bytes
+                            rec = Record(uid=uid, key=rec.key, flags=rec.flags, keywords=kw, size=len(body),
+                                         sha256=sha, message_id=message_id(body))
+                        rebinds.append((rid, uid, fl, kw, rec))
+                        continue
+                    mtime = when.timestamp() if when is not None else None
+                    key = mf.stage(body, mtime)
+                    staged.append((key, Record(uid=uid, key=key, flags=fl, keywords=kw, size=len(body),
+                                               sha256=sha, message_id=message_id(body)), mtime))
+                    got += len(body)
+                    self.progress("message", {"folder": self.info.name, "bytes": len(body)})
+            except BaseException:
+                for key, _, _ in staged:
+                    mf.discard(key)
+                raise
+            mf.sync([k for k, _, _ in staged])
+            crashpoint.hit("staged")
+            with state.transaction() as tx:
+                for _key, rec, mtime in staged:
+                    tx.add(fid, validity, rec, mtime)
+                for rid, uid, fl, kw, rec in rebinds:
+                    if rid is None:
+                        tx.add(fid, validity, Record(uid=uid, key=rec.key, flags=fl, keywords=kw, size=rec.size,
+                                                     sha256=rec.sha256, message_id=rec.message_id), None)
+                    else:
+                        tx.rebind(rid, validity, uid, fl, kw)
+            crashpoint.hit("recorded")
+            for key, rec, _ in staged:
+                self.on_disk[key] = (_place(rec.flags), mf.publish(key, rec.flags))
+                crashpoint.hit("published")
+            for rid, uid, fl, kw, rec in rebinds:
+                if fl != rec.flags:
+                    self._retag(rec.key, fl)
+            mf.sync_dirs()
+            self.res.new += sum(1 for _, r, _ in staged if r.uid not in refetch)
+            self.res.refetched += sum(1 for _, r, _ in staged if r.uid in refetch)
+            self.res.rebound += len(rebinds)
+            self.res.bytes += got
+
+    def save_counters(self) -> None:
+        """Counters last: only after everything they cover is durable."""
+        with self.state.transaction() as tx:
+            if not self.same_validity:
+                tx.mark_old_gone(self.fid, self.validity)
+            tx.save_folder(self.fid, uidvalidity=self.validity,
+                           uidnext=self.sel.get("uidnext") or self.st["uidnext"],
+                           highestmodseq=self.sel.get("highestmodseq") if self.s.condstore else None,
+                           messages=self.exists)
+        crashpoint.hit("folder")
+
+    # -- backup: server -> Maildir ------------------------------------------------------
+
+    def backup(self) -> None:
+        self.prepare_local()
+        if self.status_unchanged() and not (
+                self.state.keys(self.fid, uidvalidity=self.fstate["uidvalidity"], on_server=True)
+                - self.on_disk.keys()):
+            self.res.skipped = True
+            return
+        self.read_server(writable=False)
+        view = ServerView(flags=self.flags, new={u: v[0] for u, v in self.new_full.items()},
+                          present=self.present)
+        plan = plan_backup(view, self.known, self.on_disk.keys())
+        if plan.set_flags or plan.gone or plan.back:
+            with self.state.transaction() as tx:
+                for uid, fl, kw in plan.set_flags:
+                    if fl != self.known[uid].flags:
+                        self._retag(self.known[uid].key, fl)
+                    tx.set_flags(self.fid, self.validity, uid, fl, kw)
+                tx.set_on_server(self.fid, self.validity, plan.gone, False)
+                tx.set_on_server(self.fid, self.validity, plan.back, True)
+                if plan.set_flags:
+                    self.mf.sync_dirs()  # renames durable before the state records them
+            self.res.flags_changed += len(plan.set_flags)
+            self.res.gone += len(plan.gone)
+        fetch = self.rebind_known_mail(list(plan.fetch))
+        # files the state does not know (a lost state, a Maildir made by another tool) are
+        # adopted when a downloaded message has the same bytes, instead of stored twice
+        adopt = (self.on_disk.keys() - self.known_keys) if fetch else set()
+        self.download(fetch + list(plan.refetch), set(plan.refetch), adopt)
+        self.save_counters()
+
+    # -- two-way sync ------------------------------------------------------------------
+
+    def sync(self) -> None:
+        self.prepare_local()
+        base_keys = self.state.keys(self.fid, uidvalidity=self.fstate["uidvalidity"], on_server=True) \
+            if self.fstate["uidvalidity"] is not None else set()
+        local_flags = {k: flags_from_letters(split_name(name)[1] or "") for k, (_sub, name) in self.on_disk.items()}
+        if base_keys and not self.existed and not self.opts.force:
+            raise SafetyAbort(f"local folder {self.path} is missing while the state knows {len(base_keys)} "
+                              "messages in it; refusing to read that as 'delete everything'",
+                              hint="restore the folder, or run with --force to delete them on the server")
+        self.resume_uploads()
+        local_same = self.on_disk.keys() == self.known_keys_on_server() and all(
+            local_flags[k] == f for k, f in self.base_flags_by_key().items())
+        if self.status_unchanged() and local_same:
+            self.res.skipped = True
+            return
+        self.read_server(writable=not self.opts.dry_run)
+        base = {u: r for u, r in self.known.items() if r.on_server}
+        fetch_new = {u for u in self.new_full if u not in self.known}
+        plan = plan_sync(base, self.flags, self.present, fetch_new, local_flags, self.acc.conflict)
+        why = deletion_guard(plan, len(base), self.acc.max_delete)
+        if why and not self.opts.force:
+            self.res.plan = plan
+            raise SafetyAbort(f"{why}; nothing was changed in this folder",
+                              hint="check what happened, then run with --force if it is right")
+        self.res.plan = plan
+        self.res.conflicts.extend(plan.conflicts)
+        if self.opts.dry_run:
+            return
+        self.apply(plan, base)
+        self.save_counters()
+
+    def known_keys_on_server(self) -> set[str]:
+        if self.fstate["uidvalidity"] is None:
+            return set()
+        return self.state.keys(self.fid, uidvalidity=self.fstate["uidvalidity"], on_server=True)
+
+    def base_flags_by_key(self) -> dict[str, frozenset[str]]:
+        if self.fstate["uidvalidity"] is None:
+            return {}
+        return {r.key: r.flags for r in self.state.records(self.fid, self.fstate["uidvalidity"]).values()
+                if r.on_server}
+
+    def apply(self, plan, base: dict[int, Record]) -> None:
+        state, fid, validity, mf = self.state, self.fid, self.validity, self.mf
+        unchanged = self.sel.get("highestmodseq") if self.s.condstore else None
+        # 1. flags first: to the server (refused where it changed meanwhile), then locally
+        refused: set[int] = set()
+        groups: dict[tuple[frozenset[str], frozenset[str]], list[int]] = {}
+        for uid, add, remove in plan.push:
+            groups.setdefault((add, remove), []).append(uid)
+        for (add, remove), uids in groups.items():
+            refused |= self.s.store(uids, add, remove, unchanged)
+        if refused:
+            self.res.notices.append(f"{len(refused)} messages changed on the server during the run; "
+                                    "their flags are merged on the next run")
+        pulls = {uid: fl for uid, fl in plan.pull if uid not in refused}
+        for uid, fl in pulls.items():
+            self._retag(base[uid].key, fl)
+        if pulls:
+            mf.sync_dirs()
+        records = [(u, fl, kw) for u, fl, kw in plan.record if u not in refused]
+        if records:
+            with state.transaction() as tx:
+                for uid, fl, kw in records:
+                    tx.set_flags(fid, validity, uid, fl, kw)
+        self.res.flags_changed += len(records)
+        self.res.flags_pushed += len(plan.push) - len(refused & {u for u, _, _ in plan.push})
+        # 2. messages: server -> Maildir, then Maildir -> server
+        fetch = self.rebind_known_mail(list(plan.fetch))
+        self.download(fetch + list(plan.refetch), set(plan.refetch), set())
+        self.upload([*plan.upload, *(base[u].key for u in plan.reupload)], replaced={base[u].key: u for u in plan.reupload})
+        # 3. deletions: local files for server expunges, server messages for removed files
+        if plan.delete_local:
+            for uid in plan.delete_local:
+                key = base[uid].key
+                if key in self.on_disk:
+                    sub, name = self.on_disk.pop(key)
+                    try:
+                        os.unlink(self.path / sub / name)
+                    except FileNotFoundError:
+                        pass
+                    except OSError as exc:
+                        raise storage_error(exc, f"cannot remove {self.path / sub / name}") from None
+            mf.sync_dirs()
+            with state.transaction() as tx:
+                tx.forget(fid, validity, plan.delete_local)
+            self.res.deleted_local += len(plan.delete_local)
+        if plan.delete_remote:
+            refused_del = self.s.store(plan.delete_remote, frozenset({"\\Deleted"}), frozenset(), unchanged)
+            doomed = [u for u in plan.delete_remote if u not in refused_del]
+            if refused_del:
+                self.res.notices.append(f"{len(refused_del)} messages removed locally were changed on the "
+                                        "server meanwhile; kept, and fetched again on the next run")
+            if doomed and not self.s.expunge(doomed):
+                self.res.notices.append("the server lacks UIDPLUS and other messages are marked \\Deleted: "
+                                        "messages removed locally are marked \\Deleted but not expunged")
+            crashpoint.hit("expunged")
+            with state.transaction() as tx:
+                tx.forget(fid, validity, doomed)
+            self.res.deleted_remote += len(doomed)
+        if plan.forget:
+            with state.transaction() as tx:
+                tx.forget(fid, validity, plan.forget)
+
+    # -- uploads: crash-safe via a journal of pending uploads -----------------------------
+
+    def upload(self, keys: list[str], replaced: dict[str, int]) -> None:
+        """APPEND local files. Each upload is journaled first, so a run killed after APPEND but
+        before the new UID was recorded finds the uploaded copy instead of uploading again."""
+        for key in keys:
+            if self.stop.is_set():
+                raise Stopped()
+            if key not in self.on_disk:
+                continue
+            sub, name = self.on_disk[key]
+            path = self.path / sub / name
+            try:
+                raw = path.read_bytes()
+                mtime = path.stat().st_mtime
+            except OSError as exc:
+                raise storage_error(exc, f"cannot read {path}") from None
+            data = crlf(raw)
+            flags = flags_from_letters(split_name(name)[1] or "")
+            sha = hashlib.sha256(raw).hexdigest()
+            mid = message_id(raw)
+            with self.state.transaction() as tx:
+                tx.journal_upload(self.fid, key, self.sel.get("uidnext") or 0, len(data), mid, sha)
+            crashpoint.hit("upload-journaled")
+            when = datetime.fromtimestamp(mtime, timezone.utc)
+            uid = self.s.append(self.info.name, data, flags, when)
+            crashpoint.hit("appended")
+            if uid is None:
+                uid = self.find_uploaded(mid, len(data), self.sel.get("uidnext") or 1)
+            with self.state.transaction() as tx:
+                if key in replaced:
+                    tx.forget(self.fid, self.validity, [replaced[key]])
+                    self.known.pop(replaced[key], None)
+                if uid is not None:
+                    tx.add(self.fid, self.validity, Record(uid=uid, key=key, flags=flags, size=len(raw),
+                                                           sha256=sha, message_id=mid), mtime)
+                tx.clear_upload(self.fid, key)
+            if uid is None:
+                self.res.notices.append(f"uploaded {name} but could not learn its UID; it is matched by "
+                                        "content on the next run")
+            self.res.uploaded += 1
+
+    def find_uploaded(self, mid: str, size: int, since_uid: int = 1) -> int | None:
+        """The UID of a message we uploaded: by Message-ID + size among UIDs the state does not
+        know, or else by size among UIDs the server assigned since the upload started."""
+        known = set(self.state.records(self.fid, self.validity)) if hasattr(self, "validity") else set()
+        cands = [u for u in self.s.search_message_id(mid) if u not in known] if mid else []
+        if not cands:
+            raw = self.s.new_messages(max(since_uid, 1))
+            cands = [u for u, (sz, _fl, _kw) in raw.items() if sz == size and u not in known]
+        sizes = self.s.sizes(cands)
+        match = [u for u in cands if sizes.get(u) == size]
+        return max(match) if match else None
+
+    def resume_uploads(self) -> None:
+        """Uploads a killed run journaled: bind the server copy if it arrived, else forget the
+        journal entry (the file is uploaded again as a new local message)."""
+        pending = self.state.pending_uploads(self.fid)
+        if not pending:
+            return
+        if self.opts.dry_run:
+            return
+        sel = self.s.select(self.info.name)
+        self.validity = sel.get("uidvalidity")
+        for key, uidnext, size, mid, sha in pending:
+            uid = self.find_uploaded(mid, size, uidnext) if key in self.on_disk else None
+            with self.state.transaction() as tx:
+                if uid is not None:
+                    sub, name = self.on_disk[key]
+                    flags = flags_from_letters(split_name(name)[1] or "")
+                    tx.add(self.fid, self.validity, Record(uid=uid, key=key, flags=flags, size=size,
+                                                           sha256=sha, message_id=mid), None)
+                tx.clear_upload(self.fid, key)
+        self.known_keys = self.state.keys(self.fid)
