@@ -85,7 +85,15 @@ class FolderJob:
 
     def read_server(self, writable: bool) -> None:
         s, f = self.s, self.fstate
-        self.sel = sel = s.select(self.info.name) if writable else s.examine(self.info.name)
+        quick = None
+        if s.qresync and f["uidvalidity"] == self.st.get("uidvalidity") and f["highestmodseq"]:
+            counters, changed, vanished = s.select_qresync(self.info.name, f["uidvalidity"], f["highestmodseq"],
+                                                           readonly=not writable)
+            if counters.get("uidvalidity") == f["uidvalidity"]:
+                quick = (changed, vanished)
+            self.sel = sel = counters
+        else:
+            self.sel = sel = s.select(self.info.name) if writable else s.examine(self.info.name)
         self.validity = validity = sel.get("uidvalidity") or self.st["uidvalidity"]
         self.same_validity = f["uidvalidity"] == validity
         if f["uidvalidity"] is not None and not self.same_validity:
@@ -95,13 +103,20 @@ class FolderJob:
         self.known = self.state.records(self.fid, validity)
         old_next = (f["uidnext"] or 1) if self.same_validity else 1
         modseq = f["highestmodseq"] if (self.same_validity and s.condstore) else None
-        self.flags = s.flags(old_next, modseq) if self.known else {}
+        if quick is not None:
+            self.flags = dict(quick[0])  # QRESYNC: changed flags came with the SELECT
+        else:
+            self.flags = s.flags(old_next, modseq) if self.known else {}
         self.new_full = s.new_messages(old_next)
         for uid, (_size, fl, kw) in self.new_full.items():
             self.flags[uid] = (fl, kw)
         self.exists = sel.get("exists", self.st.get("messages", 0))
         known_below = sum(1 for uid, r in self.known.items() if r.on_server and uid < old_next)
-        if self.exists - len(self.new_full) == known_below:
+        if quick is not None and quick[1]:
+            # QRESYNC: VANISHED (EARLIER) named what was expunged since the last sync
+            self.present = frozenset(u for u, r in self.known.items() if r.on_server and u not in quick[1]) \
+                | frozenset(self.new_full)
+        elif self.exists - len(self.new_full) == known_below:
             self.present = None  # counts prove nothing below old_next was expunged
         else:
             self.present = frozenset(s.all_uids())

@@ -147,7 +147,10 @@ class ImapSession:
             self.caps = {c.decode().upper() if isinstance(c, bytes) else c.upper()
                          for c in self.client.capabilities()}
             self.condstore = "CONDSTORE" in self.caps or "QRESYNC" in self.caps
-            if self.condstore and "ENABLE" in self.caps:
+            self.qresync = "QRESYNC" in self.caps and "ENABLE" in self.caps
+            if self.qresync:
+                self._call(self.client.enable, "QRESYNC")  # implies CONDSTORE
+            elif self.condstore and "ENABLE" in self.caps:
                 self._call(self.client.enable, "CONDSTORE")
         except (OSError, EOFError, imaplib.IMAP4.abort) as exc:
             self.close()
@@ -233,6 +236,38 @@ class ImapSession:
             if key in ("uidvalidity", "uidnext", "exists", "highestmodseq"):
                 out[key] = int(v[0] if isinstance(v, list) else v)
         return out
+
+    def select_qresync(self, name: str, uidvalidity: int, modseq: int, readonly: bool):
+        """SELECT/EXAMINE name (QRESYNC (uidvalidity modseq)): the server answers with the flags
+        changed since modseq (FETCH) and the UIDs expunged since (VANISHED (EARLIER)), in one
+        round trip. Returns (counters, changed flags by UID, vanished UIDs)."""
+        from imapclient.imap_utf7 import encode as utf7_encode
+
+        def run():
+            imap = self.client._imap
+            imap.untagged_responses.clear()
+            cmd = "EXAMINE" if readonly else "SELECT"
+            mailbox = '"' + utf7_encode(name).decode("ascii").replace("\\", "\\\\").replace('"', '\\"') + '"'
+            typ, data = imap._simple_command(cmd, mailbox, f"(QRESYNC ({uidvalidity} {modseq}))")
+            if typ != "OK":
+                raise imaplib.IMAP4.error(f"{cmd} failed: {data[-1] if data else typ}")
+            imap.state = "SELECTED"
+            imap.is_readonly = readonly
+            ur = imap.untagged_responses
+            counters = {}
+            for key in ("UIDVALIDITY", "UIDNEXT", "EXISTS", "HIGHESTMODSEQ"):
+                if ur.get(key):
+                    counters[key.lower()] = int(ur[key][-1])
+            vanished: set[int] = set()
+            for v in ur.pop("VANISHED", []):
+                text = v.decode() if isinstance(v, bytes) else str(v)
+                vanished |= parse_seqset(text.replace("(EARLIER)", "").strip())
+            fetched = ur.pop("FETCH", [])
+            changed = parse_fetch_response(fetched, False, True) if fetched else {}
+            imap.untagged_responses.clear()
+            return counters, {u: normalise_flags(d.get(b"FLAGS", ())) for u, d in changed.items()
+                              if b"FLAGS" in d}, vanished
+        return self._call(run)
 
     def _tagged(self, *args: str) -> bytes:
         """Run a command and return the tagged OK line's text (response codes live there)."""

@@ -83,8 +83,10 @@ def local_folders(root: Path, layout: str, utf8_names: bool
     The root is ("INBOX",) when it has cur/ or new/. A directory is a folder when it has a cur/ or
     new/ subdirectory. maildir++: the dot-directories directly under root. fs: nested directories,
     never cur/, new/, tmp/ or anything starting with '.'; a directory without cur/new is no folder,
-    but folders below it still are. Symbolic links are followed only to places inside root, and in
-    the fs layout never descended through (one directory, one name; no loops).
+    but folders below it still are. A symbolic link to a directory counts only when it points
+    inside root (never out of it, never at root itself), is never descended through (no loops),
+    and is dropped when its target is already listed under another name: one directory, one
+    folder, so an alias never turns into a second server folder holding the same messages.
 
     The bad list holds directories that look like mail folders (or, in fs, have one below them)
     whose names folder_path() could not have produced; nothing inside them is reported as a folder.
@@ -101,7 +103,9 @@ def local_folders(root: Path, layout: str, utf8_names: bool
     if _is_folder(root, real_root):
         folders[("INBOX",)] = root
 
-    def accept(path: Path, comps: list[str]) -> None:
+    links: list[tuple[tuple[str, ...], Path]] = []  # folders reached through a symlink
+
+    def accept(path: Path, comps: list[str], is_link: bool) -> None:
         try:
             parts = tuple(_unescape(c, utf8_names) for c in comps)
         except ValueError:
@@ -113,7 +117,20 @@ def local_folders(root: Path, layout: str, utf8_names: bool
         if folder_path(root, list(parts), layout, utf8_names) != path or parts in folders:
             bad.append(path)
             return
-        folders[parts] = path
+        if is_link:
+            links.append((parts, path))
+        else:
+            folders[parts] = path
+
+    def done() -> tuple[dict[tuple[str, ...], Path], list[Path]]:
+        # plain folders were reached through real directories only: their real path is known
+        taken = {os.path.join(real_root, os.path.relpath(p, root)) for p in folders.values()}
+        for parts, path in links:
+            real = os.path.realpath(path)
+            if real not in taken:
+                taken.add(real)
+                folders[parts] = path
+        return dict(sorted(folders.items(), key=lambda kv: str(kv[1]))), sorted(bad)
 
     if layout == "maildir++":
         for name, is_link in _subdirs(root, real_root):
@@ -121,8 +138,8 @@ def local_folders(root: Path, layout: str, utf8_names: bool
                 continue
             path = root / name
             if _is_folder(path, real_root):
-                accept(path, name[1:].split("."))
-        return dict(sorted(folders.items(), key=lambda kv: str(kv[1]))), sorted(bad)
+                accept(path, name[1:].split("."), is_link)
+        return done()
 
     # fs: depth-first over real directories; (path, components, topmost undecodable ancestor)
     stack: list[tuple[Path, list[str], Path | None]] = [(root, [], None)]
@@ -146,10 +163,10 @@ def local_folders(root: Path, layout: str, utf8_names: bool
                         reported.add(sub_broken)
                         bad.append(sub_broken)
                 else:
-                    accept(path, sub)
+                    accept(path, sub, is_link)
             if not is_link:
                 stack.append((path, sub, sub_broken))
-    return dict(sorted(folders.items(), key=lambda kv: str(kv[1]))), sorted(bad)
+    return done()
 
 
 def _inside(target: str, real_root: str) -> bool:

@@ -126,7 +126,7 @@ def plan_sync(base: Mapping[int, Record], remote_flags: Mapping[int, tuple[froze
                                  + ("removed (conflict = server)" if conflict == "server" else "kept and uploaded again"))
                 (delete_local if conflict == "server" else reupload).append(uid)
         elif not l_on:
-            if r_fl == rec.flags:
+            if r_fl == rec.flags and r_kw == rec.keywords:
                 delete_remote.append(uid)
             else:
                 conflicts.append(f"UID {uid}: removed locally, flags changed on the server; "
