@@ -99,8 +99,8 @@ def folder_path(root: Path, parts: list[str], layout: str, utf8_names: bool) -> 
         return root
     comps = [disk_component(p, layout, utf8_names) for p in parts]
     if layout == "maildir++":
-        if comps[0] == "mailsync":  # .mailsync.db, .mailsync.lock are ours
-            comps[0] = "%6Dailsync"
+        if comps[0].lower() == "mailsync":  # .mailsync.db, .mailsync.lock are ours (any case)
+            comps[0] = f"%{ord(comps[0][0]):02X}{comps[0][1:]}"
         return root / ("." + ".".join(comps))
     return root.joinpath(*comps)
 

@@ -219,3 +219,33 @@ def test_kill_during_sync_then_rerun_gives_same_end_state(su, point):
     srv_hashes = sorted(sha(b.replace(b"\r\n", b"\n")) if False else sha(b) for b, _ in srv.values())
     assert sorted(sha(b) for b in files.values()) == sorted(want), point
     assert srv_hashes == sorted(want), point
+
+
+def test_qresync_select_reports_changes_and_expunges_in_one_round_trip(user):
+    from pathlib import Path
+
+    from mailsync.config import parse
+    from mailsync.imap import ImapSession
+
+    user.append("INBOX", [msg(i) for i in range(1, 6)])
+    c = user.imap()
+    st = c.folder_status("INBOX", [b"UIDVALIDITY", b"HIGHESTMODSEQ"])
+    c.select_folder("INBOX")
+    c.add_flags([2], [b"\\Flagged"])
+    c.delete_messages([4])
+    c.expunge()
+    c.logout()
+    cfg = parse({"accounts": {"t": {"host": "127.0.0.1", "port": user.server.imaps_port, "username": user.name,
+                                    "maildir": str(user.maildir), "ca_file": str(user.server.ca_file)}}},
+                Path("/x.toml"))
+    s = ImapSession(cfg.account("t"), user.password)
+    try:
+        assert s.qresync
+        counters, changed, vanished = s.select_qresync("INBOX", st[b"UIDVALIDITY"], st[b"HIGHESTMODSEQ"], True)
+        assert vanished == {4}
+        assert changed[2][0] == frozenset({"\\Flagged"})
+        assert counters["exists"] == 4
+        # the session is usable afterwards (state SELECTED)
+        assert set(s.new_messages(1)) == {1, 2, 3, 5}
+    finally:
+        s.close()
