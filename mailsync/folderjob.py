@@ -270,14 +270,27 @@ class FolderJob:
     # -- two-way sync ------------------------------------------------------------------
 
     def sync(self) -> None:
+        exists_here = (self.path / "cur").is_dir() or (self.path / "new").is_dir()
+        if not exists_here and self.acc.create in ("server", "none") \
+                and self.state.folder_synced(self.info.name) is None:
+            self.res.skipped = True
+            self.res.notices.append("exists only on the server; not created locally (create = "
+                                    f"\"{self.acc.create}\")")
+            return
         self.prepare_local()
         base_keys = self.state.keys(self.fid, uidvalidity=self.fstate["uidvalidity"], on_server=True) \
             if self.fstate["uidvalidity"] is not None else set()
+        if base_keys and not self.existed:
+            # the whole folder is gone locally: never read as "delete everything" on the server;
+            # folder deletions do not propagate, so it is downloaded again
+            self.res.notices.append(f"the local folder was missing ({len(base_keys)} messages known); "
+                                    "downloaded again from the server (folder deletions never propagate)")
+            if not self.opts.dry_run:
+                with self.state.transaction() as tx:
+                    tx.forget_folder(self.fid)
+                self.fstate = self.state.folder(self.info.name, self.fstate["path"])
+                self.known_keys = set()
         local_flags = {k: flags_from_letters(split_name(name)[1] or "") for k, (_sub, name) in self.on_disk.items()}
-        if base_keys and not self.existed and not self.opts.force:
-            raise SafetyAbort(f"local folder {self.path} is missing while the state knows {len(base_keys)} "
-                              "messages in it; refusing to read that as 'delete everything'",
-                              hint="restore the folder, or run with --force to delete them on the server")
         self.resume_uploads()
         local_same = self.on_disk.keys() == self.known_keys_on_server() and all(
             local_flags[k] == f for k, f in self.base_flags_by_key().items())

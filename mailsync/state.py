@@ -213,6 +213,17 @@ class State:
         self.db.execute("UPDATE messages SET uidvalidity=?, uid=?, flags=?, keywords=?, on_server=1 WHERE id=?",
                         (uidvalidity, uid, encode_flags(flags), _kw(keywords), row_id))
 
+    def forget_folder(self, fid: int) -> None:
+        self.db.execute("DELETE FROM messages WHERE folder_id=?", (fid,))
+        self.db.execute("DELETE FROM uploads WHERE folder_id=?", (fid,))
+        self.db.execute("UPDATE folders SET uidvalidity=NULL, uidnext=NULL, highestmodseq=NULL, messages=NULL"
+                        " WHERE id=?", (fid,))
+
+    def folder_synced(self, name: str):
+        with self._lock:
+            row = self.db.execute("SELECT uidvalidity FROM folders WHERE name=?", (name,)).fetchone()
+        return row[0] if row else None
+
     def forget(self, fid: int, uidvalidity: int, uids) -> None:
         self.db.executemany("DELETE FROM messages WHERE folder_id=? AND uidvalidity=? AND uid=?",
                             [(fid, uidvalidity, u) for u in uids])

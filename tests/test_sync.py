@@ -142,9 +142,17 @@ def test_missing_local_folder_is_never_read_as_delete_everything(su):
     import shutil
     su.append("Work", [msg(i) for i in range(3)])
     run(su)
-    shutil.rmtree(folder_path(su.maildir, ["Work"], "maildir++", False))
+    work = folder_path(su.maildir, ["Work"], "maildir++", False)
+    shutil.rmtree(work)
     r = su.run("sync", "test")
-    assert r.returncode == 10 and "missing" in r.stderr
+    assert r.returncode == 0 and "missing" in r.stderr, r.stderr
+    assert len(su.server_messages()["Work"]) == 3  # nothing deleted on the server
+    assert len(local_files(work)) == 3             # and the folder is back
+    # an emptied (but present) folder trips the guard instead
+    for p in local_files(work):
+        p.unlink()
+    r = su.run("sync", "test")
+    assert r.returncode == 10 and "would delete all 3" in r.stderr
     assert len(su.server_messages()["Work"]) == 3
 
 
@@ -249,3 +257,11 @@ def test_qresync_select_reports_changes_and_expunges_in_one_round_trip(user):
         assert set(s.new_messages(1)) == {1, 2, 3, 5}
     finally:
         s.close()
+
+
+def test_create_server_only_leaves_server_folders_alone_locally(user):
+    user.append("OnlyOnServer", [msg(1)])
+    user.write_config('mode = "sync"\ncreate = "server"')
+    s = run(user)
+    assert not folder_path(user.maildir, ["OnlyOnServer"], "maildir++", False).exists()
+    assert any("not created locally" in n for f in s["folders"] for n in f["notices"])
