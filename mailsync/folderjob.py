@@ -20,7 +20,7 @@ from mailsync.config import Account
 from mailsync.errors import MailsyncError
 from mailsync.imap import FolderInfo, ImapSession, crlf, message_id
 from mailsync.maildir import MaildirFolder, storage_error
-from mailsync.model import FolderResult, Record, ServerView, flags_from_letters, split_name
+from mailsync.model import FolderResult, Record, ServerView, flags_from_letters, split_flags, split_name
 from mailsync.plan import batches, deletion_guard, plan_backup, plan_sync, rematch
 from mailsync.state import State
 
@@ -69,8 +69,8 @@ class FolderJob:
         if stranded and not self.opts.dry_run:
             flags_by_key = state.flags_by_key(self.fid)
             for key in stranded:
-                fl = flags_by_key.get(key, frozenset())
-                self.on_disk[key] = (_place(fl), self.mf.publish(key, fl))
+                fl, kw = flags_by_key.get(key, (frozenset(), frozenset()))
+                self.on_disk[key] = (_place(fl), self.mf.publish(key, fl, kw))
             self.mf.sync_dirs()
         if not self.opts.dry_run:
             # also removes a tmp link left by a kill inside publish()
@@ -137,16 +137,16 @@ class FolderJob:
                 with self.state.transaction() as tx:
                     for uid, rec in matched.items():
                         fl, kw = self.flags.get(uid, (frozenset(), frozenset()))
-                        self._retag(rec.key, fl)
+                        self._retag(rec.key, fl, kw)
                         tx.rebind(by_rec[id(rec)], self.validity, uid, fl, kw)
                 self.res.rebound += len(matched)
                 fetch = [u for u in fetch if u not in matched]
                 self.spare = [(rid, r) for rid, r in self.spare if r not in matched.values()]
         return fetch
 
-    def _retag(self, key: str, flags: frozenset[str]) -> None:
+    def _retag(self, key: str, flags: frozenset[str], keywords=frozenset()) -> None:
         if key in self.on_disk:
-            self.on_disk[key] = (_place(flags), self.mf.retag(key, self.on_disk[key], flags))
+            self.on_disk[key] = (_place(flags), self.mf.retag(key, self.on_disk[key], flags, keywords))
 
     def download(self, todo: list[int], refetch: set[int], adopt: set[str]) -> None:
         """Fetch messages in batches bounded by bytes: stage in tmp/, flush as a group, record,
@@ -213,11 +213,11 @@ class FolderJob:
                         tx.rebind(rid, validity, uid, fl, kw)
             crashpoint.hit("recorded")
             for key, rec, _ in staged:
-                self.on_disk[key] = (_place(rec.flags), mf.publish(key, rec.flags))
+                self.on_disk[key] = (_place(rec.flags), mf.publish(key, rec.flags, rec.keywords))
                 crashpoint.hit("published")
             for rid, uid, fl, kw, rec in rebinds:
-                if fl != rec.flags:
-                    self._retag(rec.key, fl)
+                if fl != rec.flags or kw != rec.keywords:
+                    self._retag(rec.key, fl, kw)
             mf.sync_dirs()
             self.res.new += sum(1 for _, r, _ in staged if r.uid not in refetch)
             self.res.refetched += sum(1 for _, r, _ in staged if r.uid in refetch)
@@ -251,8 +251,7 @@ class FolderJob:
         if plan.set_flags or plan.gone or plan.back:
             with self.state.transaction() as tx:
                 for uid, fl, kw in plan.set_flags:
-                    if fl != self.known[uid].flags:
-                        self._retag(self.known[uid].key, fl)
+                    self._retag(self.known[uid].key, fl, kw)
                     tx.set_flags(self.fid, self.validity, uid, fl, kw)
                 tx.set_on_server(self.fid, self.validity, plan.gone, False)
                 tx.set_on_server(self.fid, self.validity, plan.back, True)
@@ -290,10 +289,17 @@ class FolderJob:
                     tx.forget_folder(self.fid)
                 self.fstate = self.state.folder(self.info.name, self.fstate["path"])
                 self.known_keys = set()
-        local_flags = {k: flags_from_letters(split_name(name)[1] or "") for k, (_sub, name) in self.on_disk.items()}
         self.resume_uploads()
+        # what each file says: system flags from its letters, keywords through dovecot-keywords;
+        # keywords that got no letter (more than 26) live in the state only and read as unchanged
+        base_kw = {r.key: r.keywords for r in self.state.records(self.fid, self.fstate["uidvalidity"] or 0).values()}
+        local_flags = {}
+        for k, (_sub, name) in self.on_disk.items():
+            fl, kw = self.mf.flags_of(name)
+            hidden = base_kw.get(k, frozenset()) - self.mf.kw.representable(base_kw.get(k, frozenset()))
+            local_flags[k] = fl | kw | hidden
         local_same = self.on_disk.keys() == self.known_keys_on_server() and all(
-            local_flags[k] == f for k, f in self.base_flags_by_key().items())
+            local_flags.get(k) == f for k, f in self.base_flags_by_key().items())
         if self.status_unchanged() and local_same:
             self.res.skipped = True
             return
@@ -321,7 +327,7 @@ class FolderJob:
     def base_flags_by_key(self) -> dict[str, frozenset[str]]:
         if self.fstate["uidvalidity"] is None:
             return {}
-        return {r.key: r.flags for r in self.state.records(self.fid, self.fstate["uidvalidity"]).values()
+        return {r.key: r.flags | r.keywords for r in self.state.records(self.fid, self.fstate["uidvalidity"]).values()
                 if r.on_server}
 
     def apply(self, plan, base: dict[int, Record]) -> None:
@@ -339,7 +345,7 @@ class FolderJob:
                                     "their flags are merged on the next run")
         pulls = {uid: fl for uid, fl in plan.pull if uid not in refused}
         for uid, fl in pulls.items():
-            self._retag(base[uid].key, fl)
+            self._retag(base[uid].key, *split_flags(fl))
         if pulls:
             mf.sync_dirs()
         records = [(u, fl, kw) for u, fl, kw in plan.record if u not in refused]
@@ -404,14 +410,14 @@ class FolderJob:
             except OSError as exc:
                 raise storage_error(exc, f"cannot read {path}") from None
             data = crlf(raw)
-            flags = flags_from_letters(split_name(name)[1] or "")
+            flags, keywords = self.mf.flags_of(name)
             sha = hashlib.sha256(raw).hexdigest()
             mid = message_id(raw)
             with self.state.transaction() as tx:
                 tx.journal_upload(self.fid, key, self.sel.get("uidnext") or 0, len(data), mid, sha)
             crashpoint.hit("upload-journaled")
             when = datetime.fromtimestamp(mtime, timezone.utc)
-            uid = self.s.append(self.info.name, data, flags, when)
+            uid = self.s.append(self.info.name, data, flags | keywords, when)
             crashpoint.hit("appended")
             if uid is None:
                 uid = self.find_uploaded(mid, len(data), self.sel.get("uidnext") or 1)
@@ -420,8 +426,8 @@ class FolderJob:
                     tx.forget(self.fid, self.validity, [replaced[key]])
                     self.known.pop(replaced[key], None)
                 if uid is not None:
-                    tx.add(self.fid, self.validity, Record(uid=uid, key=key, flags=flags, size=len(raw),
-                                                           sha256=sha, message_id=mid), mtime)
+                    tx.add(self.fid, self.validity, Record(uid=uid, key=key, flags=flags, keywords=keywords,
+                                                           size=len(raw), sha256=sha, message_id=mid), mtime)
                 tx.clear_upload(self.fid, key)
             if uid is None:
                 self.res.notices.append(f"uploaded {name} but could not learn its UID; it is matched by "
@@ -455,8 +461,8 @@ class FolderJob:
             with self.state.transaction() as tx:
                 if uid is not None:
                     sub, name = self.on_disk[key]
-                    flags = flags_from_letters(split_name(name)[1] or "")
-                    tx.add(self.fid, self.validity, Record(uid=uid, key=key, flags=flags, size=size,
+                    flags, keywords = self.mf.flags_of(name)
+                    tx.add(self.fid, self.validity, Record(uid=uid, key=key, flags=flags, keywords=keywords, size=size,
                                                            sha256=sha, message_id=mid), None)
                 tx.clear_upload(self.fid, key)
         self.known_keys = self.state.keys(self.fid)

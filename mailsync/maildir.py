@@ -24,7 +24,7 @@ from pathlib import Path
 
 from mailsync import utf7
 from mailsync.errors import StorageError
-from mailsync.model import info_letters, join_name, split_name
+from mailsync.model import flags_from_letters, info_letters, join_name, split_name
 
 DIR_MODE = 0o700
 FILE_MODE = 0o600
@@ -113,12 +113,84 @@ def make_dirs(path: Path) -> None:
         raise storage_error(exc, f"cannot create {path}") from None
 
 
+# ----------------------------------------------------------------------------- keywords
+
+KEYWORDS_FILE = "dovecot-keywords"
+
+
+class KeywordMap:
+    """IMAP keywords <-> Maildir info letters a-z, in Dovecot's format: the folder's
+    `dovecot-keywords` file holds lines "N keyword", N = 0..25 standing for letter a+N."""
+
+    def __init__(self, folder: Path) -> None:
+        self.path = folder / KEYWORDS_FILE
+        self.names: dict[int, str] = {}
+        try:
+            for line in self.path.read_text("utf-8", "replace").splitlines():
+                num, _, name = line.partition(" ")
+                if num.isdigit() and 0 <= int(num) < 26 and name:
+                    self.names[int(num)] = name
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise storage_error(exc, f"cannot read {self.path}") from None
+        self.index = {v: k for k, v in self.names.items()}
+
+    def keywords(self, letters: str) -> frozenset[str]:
+        return frozenset(self.names[ord(c) - 97] for c in letters if "a" <= c <= "z" and ord(c) - 97 in self.names)
+
+    def known_letter(self, c: str) -> bool:
+        return "a" <= c <= "z" and ord(c) - 97 in self.names
+
+    def letters(self, keywords) -> str:
+        """Letters for keywords, giving new keywords free letters (saved atomically). Keywords
+        beyond the 26 letters stay in the state only."""
+        new = [k for k in sorted(keywords) if k not in self.index]
+        if new:
+            for k in new:
+                free = next((i for i in range(26) if i not in self.names), None)
+                if free is None:
+                    break
+                self.names[free] = k
+                self.index[k] = free
+            self._save()
+        return "".join(chr(97 + self.index[k]) for k in keywords if k in self.index)
+
+    def representable(self, keywords) -> frozenset[str]:
+        return frozenset(k for k in keywords if k in self.index)
+
+    def _save(self) -> None:
+        tmp = self.path.with_name(f".{KEYWORDS_FILE}.{os.getpid()}.tmp")
+        text = "".join(f"{i} {n}\n" for i, n in sorted(self.names.items()))
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+            try:
+                os.write(fd, text.encode())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            raise storage_error(exc, f"cannot write {self.path}") from None
+
+
 # ----------------------------------------------------------------------------- one folder
 
 class MaildirFolder:
     def __init__(self, path: Path, *, maildirfolder: bool = False) -> None:
         self.path = path
         self.maildirfolder = maildirfolder
+        self.kw = KeywordMap(path)
+
+    def flags_of(self, name: str) -> tuple[frozenset[str], frozenset[str]]:
+        """(system flags, keywords) a file name carries."""
+        info = split_name(name)[1] or ""
+        return flags_from_letters(info), self.kw.keywords(info)
+
+    def _info(self, flags: frozenset[str], keywords, old_info: str = "") -> str:
+        # keep letters we do not know; keyword letters we know are replaced by the current ones
+        keep = "".join(c for c in old_info if not self.kw.known_letter(c))
+        return info_letters(flags, keep + self.kw.letters(keywords))
 
     def ensure(self) -> None:
         old = os.umask(0o077)
@@ -204,10 +276,10 @@ class MaildirFolder:
         except OSError as exc:
             raise storage_error(exc, f"cannot flush {self.path}") from None
 
-    def publish(self, key: str, flags: frozenset[str]) -> str:
+    def publish(self, key: str, flags: frozenset[str], keywords=()) -> str:
         """tmp/<key> -> new|cur/<key>:2,<letters>. Never overwrites. Returns the file name."""
         sub = "cur" if "\\Seen" in flags else "new"
-        name = join_name(key, info_letters(flags))
+        name = join_name(key, self._info(flags, keywords))
         src = self.path / "tmp" / key
         dst = self.path / sub / name
         try:
@@ -241,12 +313,12 @@ class MaildirFolder:
         except FileNotFoundError:
             pass
 
-    def retag(self, key: str, where: tuple[str, str], flags: frozenset[str]) -> str:
+    def retag(self, key: str, where: tuple[str, str], flags: frozenset[str], keywords=()) -> str:
         """Rename a message file so its info and new/cur place match flags; keeps unknown letters."""
         sub, name = where
         _, info = split_name(name)
         want_sub = "cur" if "\\Seen" in flags else "new"
-        want = join_name(key, info_letters(flags, info or ""))
+        want = join_name(key, self._info(flags, keywords, info or ""))
         if (sub, name) == (want_sub, want):
             return want
         src = self.path / sub / name

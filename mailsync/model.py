@@ -33,10 +33,16 @@ def normalise_flags(raw) -> tuple[frozenset[str], frozenset[str]]:
     return frozenset(system), frozenset(keywords)
 
 
+def split_flags(flags) -> tuple[frozenset[str], frozenset[str]]:
+    """One set of IMAP flags and keywords -> (system flags we map, keywords)."""
+    system = frozenset(f for f in flags if f in FLAG_LETTERS)
+    return system, frozenset(flags) - system
+
+
 def info_letters(flags: frozenset[str], extra: str = "") -> str:
     """Maildir info letters for flags, in ASCII order, keeping letters we do not know (extra)."""
     letters = {FLAG_LETTERS[f] for f in flags if f in FLAG_LETTERS}
-    letters.update(c for c in extra if c not in LETTER_FLAGS)
+    letters.update(c for c in extra if c not in LETTER_FLAGS and c.isprintable() and c not in ",:/")
     return "".join(sorted(letters))
 
 

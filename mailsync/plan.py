@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Set
 
-from mailsync.model import BackupPlan, Record, ServerView, SyncPlan
+from mailsync.model import BackupPlan, Record, ServerView, SyncPlan, split_flags
 
 
 def plan_backup(server: ServerView, known: Mapping[int, Record], on_disk: Set[str]) -> BackupPlan:
@@ -102,7 +102,8 @@ def plan_sync(base: Mapping[int, Record], remote_flags: Mapping[int, tuple[froze
     remote_flags: server flags of known UIDs read this run (absent = unchanged since base).
     remote_present: every UID on the server, or None when nothing was expunged.
     remote_new: UIDs on the server the state does not know.
-    local: key -> flags (from the file name) of every message file in the folder.
+    local: key -> flags and keywords (from the file name) of every message file in the folder.
+    Flags and keywords merge alike, each on its own, against the base.
     """
     if conflict not in CONFLICT_POLICIES:
         raise ValueError(conflict)
@@ -116,17 +117,19 @@ def plan_sync(base: Mapping[int, Record], remote_flags: Mapping[int, tuple[froze
         r_on = uid in remote_present if remote_present is not None else True
         l_on = rec.key in local
         r_fl, r_kw = remote_flags.get(uid, (rec.flags, rec.keywords)) if r_on else (rec.flags, rec.keywords)
+        base_all = rec.flags | rec.keywords
+        r_all = r_fl | r_kw
         if not r_on and not l_on:
             forget.append(uid)
         elif not r_on:
-            if local[rec.key] == rec.flags:
+            if local[rec.key] == base_all:
                 delete_local.append(uid)
             else:
                 conflicts.append(f"UID {uid}: expunged on the server, flags changed locally; "
                                  + ("removed (conflict = server)" if conflict == "server" else "kept and uploaded again"))
                 (delete_local if conflict == "server" else reupload).append(uid)
         elif not l_on:
-            if r_fl == rec.flags and r_kw == rec.keywords:
+            if r_all == base_all:
                 delete_remote.append(uid)
             else:
                 conflicts.append(f"UID {uid}: removed locally, flags changed on the server; "
@@ -134,13 +137,13 @@ def plan_sync(base: Mapping[int, Record], remote_flags: Mapping[int, tuple[froze
                                     else "kept and downloaded again"))
                 (delete_remote if conflict == "local" else refetch).append(uid)
         else:
-            merged = merge_flags(rec.flags, local[rec.key], r_fl)
-            if merged != r_fl:
-                push.append((uid, merged - r_fl, r_fl - merged))
+            merged = merge_flags(base_all, local[rec.key], r_all)
+            if merged != r_all:
+                push.append((uid, merged - r_all, r_all - merged))
             if merged != local[rec.key]:
                 pull.append((uid, merged))
-            if merged != rec.flags or r_kw != rec.keywords:
-                record.append((uid, merged, r_kw))
+            if merged != base_all:
+                record.append((uid, *split_flags(merged)))
     return SyncPlan(fetch=tuple(fetch), upload=tuple(upload), push=tuple(push), pull=tuple(pull),
                     record=tuple(record), delete_local=tuple(delete_local), delete_remote=tuple(delete_remote),
                     forget=tuple(forget), refetch=tuple(refetch), reupload=tuple(reupload),

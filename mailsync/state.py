@@ -170,10 +170,10 @@ class State:
         with self._lock:
             return {r[0] for r in self.db.execute(sql, args)}
 
-    def flags_by_key(self, fid: int) -> dict[str, frozenset[str]]:
+    def flags_by_key(self, fid: int) -> dict[str, tuple[frozenset[str], frozenset[str]]]:
         with self._lock:
-            return {r[0]: decode_flags(r[1]) for r in
-                    self.db.execute("SELECT key, flags FROM messages WHERE folder_id=?", (fid,))}
+            return {r[0]: (decode_flags(r[1]), frozenset(r[2].split("\x1f")) if r[2] else frozenset()) for r in
+                    self.db.execute("SELECT key, flags, keywords FROM messages WHERE folder_id=?", (fid,))}
 
     def count_on_server(self, fid: int, uidvalidity: int) -> int:
         with self._lock:

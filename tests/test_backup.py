@@ -8,7 +8,7 @@ import sqlite3
 import stat
 from datetime import datetime
 
-from mailsync.maildir import folder_path
+from mailsync.maildir import KeywordMap, folder_path
 from mailsync.model import split_name
 from tests import corpus
 from tests.helpers import local_files, msg, sha
@@ -40,13 +40,17 @@ def check_backup_matches_server(user, layout="maildir++", utf8=False):
         by_hash = {}
         for p, b in here.items():
             by_hash.setdefault(sha(b), []).append(p)
+        kw = KeywordMap(fdir)
         for uid, (body, flags) in msgs.items():
             paths = by_hash.get(sha(body))
             assert paths, f"{folder} uid {uid} missing from the backup"
             p = paths.pop()
             seen_paths.add(p)
             _, info = split_name(p.name)
-            want = "".join(sorted(LETTER[f] for f in flags if f in LETTER))
+            keywords = {f for f in flags if not f.startswith("\\")}
+            assert all(k in kw.index for k in keywords), f"keywords {keywords} not in {fdir}/dovecot-keywords"
+            want = "".join(sorted([LETTER[f] for f in flags if f in LETTER]
+                                  + [chr(97 + kw.index[k]) for k in keywords]))
             assert info == want, f"{p.name}: flags {info!r}, server has {sorted(flags)}"
             assert p.parent.name == ("cur" if "\\Seen" in flags else "new")
     assert seen_paths == set(files), f"extra files: {set(files) - seen_paths}"
@@ -260,7 +264,7 @@ def test_message_expunged_between_listing_and_fetch_is_not_written_empty(user):
 
 def test_dovecot_serves_the_backup_as_its_own_mail_store(user, dovecot, tmp_path):
     user.append("INBOX", [msg(1), msg(2)], flags=[b"\\Seen"])
-    user.append("Entwürfe", [msg(3)], flags=[b"\\Draft", b"\\Flagged"])
+    user.append("Entwürfe", [msg(3)], flags=[b"\\Draft", b"\\Flagged", b"$Important", b"Later"])
     user.append("Archive/2024", [msg(4)])
     user.server.seed(user.name, "INBOX", corpus.MALFORMED[:3], start=10)
     ok(user.run("sync", "test"))

@@ -265,3 +265,32 @@ def test_create_server_only_leaves_server_folders_alone_locally(user):
     s = run(user)
     assert not folder_path(user.maildir, ["OnlyOnServer"], "maildir++", False).exists()
     assert any("not created locally" in n for f in s["folders"] for n in f["notices"])
+
+
+def test_keywords_sync_both_ways_through_dovecot_keywords(su):
+    from mailsync.maildir import KeywordMap
+    su.append("INBOX", [msg(1), msg(2)], flags=[b"$Work"])
+    run(su)
+    kw = KeywordMap(su.maildir)
+    assert "$Work" in kw.index  # Dovecot's dovecot-keywords format
+    # locally: drop $Work from message 1 and add a new keyword known to the map
+    p1 = file_of(su, msg(1))
+    letter = chr(97 + kw.index["$Work"])
+    set_local_flags(p1, split_name(p1.name)[1].replace(letter, ""))
+    # on the server: add $Later to message 2
+    c = su.imap()
+    c.select_folder("INBOX")
+    c.add_flags([2], [b"$Later"])
+    c.logout()
+    run(su)
+    c = su.imap()
+    c.select_folder("INBOX", readonly=True)
+    got = {u: {f.decode() for f in d[b"FLAGS"]} for u, d in c.fetch([1, 2], [b"FLAGS"]).items()}
+    c.logout()
+    assert "$Work" not in got[1]
+    assert {"$Work", "$Later"} <= got[2]
+    kw = KeywordMap(su.maildir)
+    info2 = split_name(file_of(su, msg(2)).name)[1]
+    assert kw.keywords(info2) == {"$Work", "$Later"}
+    s = run(su)
+    assert s["totals"]["flags_pushed"] == s["totals"]["flags_changed"] == 0
