@@ -118,16 +118,20 @@ def sync(
         if mode not in ("backup", "sync"):
             raise ConfigError(f"[accounts.{acc.name}] mode '{mode}' is not available in mailsync {__version__}",
                               hint='use mode = "backup" or "sync"')
-        if acc.protocol != "imap":
-            raise ConfigError(f"[accounts.{acc.name}] protocol '{acc.protocol}' is not available in mailsync "
-                              f"{__version__}", hint='use protocol = "imap"')
+        if acc.protocol == "pop3" and mode != "backup":
+            raise ConfigError(f"[accounts.{acc.name}] POP3 is download-only: mode '{mode}' needs IMAP",
+                              hint='use mode = "backup" for a POP3 account')
         from mailsync import engine, secrets
         pw = secrets.password(acc)
         bars = _Bars() if (sys.stderr.isatty() and not quiet and not as_json) else None
         try:
             from mailsync.folderjob import Options
-            result = engine.run(acc, pw, mode=mode, progress=bars or engine._quiet,
-                                opts=Options(dry_run=dry_run, force=force))
+            if acc.protocol == "pop3":
+                from mailsync import pop3
+                result = pop3.download(acc, pw, progress=bars or engine._quiet)
+            else:
+                result = engine.run(acc, pw, mode=mode, progress=bars or engine._quiet,
+                                    opts=Options(dry_run=dry_run, force=force))
         finally:
             if bars:
                 bars.close()
@@ -229,6 +233,7 @@ def _summary(r, code: int) -> dict:
              "seconds": round(f.seconds, 3), "skipped_unchanged": f.skipped, "notices": f.notices,
              "uploaded": f.uploaded, "flags_pushed": f.flags_pushed, "deleted_local": f.deleted_local,
              "deleted_remote": f.deleted_remote, "conflicts": f.conflicts,
+             "skipped_too_big": getattr(f, "skipped_too_big", 0),
              "errors": [f.error] if f.error else []}
             for f in r.folders
         ],

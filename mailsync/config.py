@@ -42,6 +42,8 @@ class Account:
     conflict: str = "server"
     max_delete: int | None = None  # None: 10% of a folder (at least 5), never all of it
     create: str = "both"
+    delete_after_days: float | None = None  # POP3: DELE what is safely stored and this old
+    max_message_size: int | None = None     # POP3: skip (with a notice) anything bigger
     source: Path | None = None  # the config file it came from
 
     def __repr__(self) -> str:  # never show secrets, even by accident
@@ -87,6 +89,8 @@ _KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "conflict": ((str,), '"server", "local" or "union"'),
     "max_delete": ((int,), "a number of messages"),
     "create": ((str,), '"both", "server", "local" or "none"'),
+    "delete_after_days": ((int, float), "a number of days"),
+    "max_message_size": ((int,), "a number of bytes"),
 }
 
 
@@ -221,6 +225,15 @@ def _account(name: str, sec, path: Path, warnings: list[str]) -> Account:
     if max_delete is not None and max_delete < 0:
         raise ConfigError(f"{where}: 'max_delete' must be 0 or more")
 
+    dad = sec.get("delete_after_days")
+    if dad is not None and not 0 <= dad <= 100000:
+        raise ConfigError(f"{where}: 'delete_after_days' must be 0 or more days")
+    if dad is not None and protocol != "pop3":
+        raise ConfigError(f"{where}: 'delete_after_days' applies to protocol = \"pop3\" only")
+    mms = sec.get("max_message_size")
+    if mms is not None and mms < 1:
+        raise ConfigError(f"{where}: 'max_message_size' must be a positive number of bytes")
+
     return Account(
         name=name,
         host=need("host"),
@@ -244,5 +257,7 @@ def _account(name: str, sec, path: Path, warnings: list[str]) -> Account:
         conflict=conflict,
         max_delete=max_delete,
         create=create,
+        delete_after_days=float(dad) if dad is not None else None,
+        max_message_size=mms,
         source=path,
     )

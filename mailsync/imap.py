@@ -88,9 +88,10 @@ def connect_errors(acc: Account, exc: BaseException) -> MailsyncError:
         return TLSError(f"TLS handshake with {where} failed ({reason})", hint=hint)
     if isinstance(exc, socket.gaierror):
         return ConnectError(f"cannot resolve host '{acc.host}'", hint="check host in the config and your DNS")
+    usual = "POP3S is usually 995" if acc.protocol == "pop3" else "IMAPS is usually 993"
     if isinstance(exc, ConnectionRefusedError):
         return ConnectError(f"connection to {where} refused",
-                            hint="check host and port (IMAPS is usually 993) and that the server runs")
+                            hint=f"check host and port ({usual}) and that the server runs")
     if isinstance(exc, (socket.timeout, TimeoutError)):
         return ConnectError(f"connection to {where} timed out after {acc.timeout:g} s",
                             hint="check host, port and firewall; raise timeout for slow servers")
@@ -99,7 +100,7 @@ def connect_errors(acc: Account, exc: BaseException) -> MailsyncError:
                             hint="check host, port and your network")
     if isinstance(exc, (imaplib.IMAP4.abort, EOFError)):
         return ConnectionLost(f"{where} closed the connection: {exc}",
-                              hint="is this an IMAPS port? IMAPS is usually 993")
+                              hint=f"is this the right port? {usual}")
     return ConnectError(f"cannot connect to {where}: {exc}")
 
 

@@ -63,6 +63,19 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (folder_id, key)
     );
     """,
+    # 3: POP3 downloads, identified by UIDL (or a header hash where the server has no UIDL)
+    """
+    CREATE TABLE pop3 (
+        uidl TEXT PRIMARY KEY,
+        key TEXT NOT NULL,                  -- the file's unique name part in the Maildir's INBOX
+        size INTEGER NOT NULL,
+        sha256 TEXT NOT NULL,
+        message_id TEXT NOT NULL DEFAULT '',
+        first_seen REAL NOT NULL,           -- when it was stored (delete_after_days counts from here)
+        on_server INTEGER NOT NULL DEFAULT 1
+    );
+    CREATE INDEX pop3_hash ON pop3(sha256);
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -239,6 +252,21 @@ class State:
         with self._lock:
             return [tuple(r) for r in self.db.execute(
                 "SELECT key, uidnext, size, message_id, sha256 FROM uploads WHERE folder_id=?", (fid,))]
+
+    def pop3_records(self) -> dict[str, sqlite3.Row]:
+        with self._lock:
+            return {r["uidl"]: r for r in self.db.execute("SELECT * FROM pop3")}
+
+    def pop3_add(self, uidl: str, key: str, size: int, sha256: str, message_id: str, now: float) -> None:
+        self.db.execute("INSERT INTO pop3(uidl, key, size, sha256, message_id, first_seen) VALUES (?,?,?,?,?,?)"
+                        " ON CONFLICT(uidl) DO UPDATE SET key=excluded.key, size=excluded.size,"
+                        " sha256=excluded.sha256, on_server=1", (uidl, key, size, sha256, message_id, now))
+
+    def pop3_rebind(self, old: str, new: str) -> None:
+        self.db.execute("UPDATE pop3 SET uidl=?, on_server=1 WHERE uidl=?", (new, old))
+
+    def pop3_gone(self, uidls) -> None:
+        self.db.executemany("UPDATE pop3 SET on_server=0 WHERE uidl=?", [(u,) for u in uidls])
 
     def mark_old_gone(self, fid: int, uidvalidity: int) -> None:
         self.db.execute("UPDATE messages SET on_server=0 WHERE folder_id=? AND uidvalidity<>?", (fid, uidvalidity))

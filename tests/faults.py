@@ -175,3 +175,59 @@ def make_cert(dirpath: Path, ca_cert: Path, ca_key: Path, name: str, *, hosts: l
     kp.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                      serialization.NoEncryption()))
     return cp, kp
+
+
+class Pop3NoUidl(_Listener):
+    """A minimal POP3S server without UIDL (for the one case Dovecot cannot be configured to):
+    USER/PASS, STAT, LIST, TOP, RETR, DELE, QUIT over TLS."""
+
+    def __init__(self, cert: Path, key: Path, messages: list[bytes], password: str = "pw") -> None:
+        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.ctx.load_cert_chain(str(cert), str(key))
+        self.messages = list(messages)
+        self.password = password
+        super().__init__()
+
+    def handle(self, conn: socket.socket) -> None:
+        try:
+            conn.settimeout(10)
+            with self.ctx.wrap_socket(conn, server_side=True) as s:
+                f = s.makefile("rb")
+                s.sendall(b"+OK test POP3 without UIDL\r\n")
+                deleted: set[int] = set()
+                while not self.closing.is_set():
+                    line = f.readline(4096)
+                    if not line:
+                        return
+                    cmd, _, arg = line.strip().decode().partition(" ")
+                    cmd = cmd.upper()
+                    if cmd == "USER":
+                        s.sendall(b"+OK\r\n")
+                    elif cmd == "PASS":
+                        s.sendall(b"+OK\r\n" if arg == self.password else b"-ERR [AUTH] bad password\r\n")
+                    elif cmd == "STAT":
+                        s.sendall(b"+OK %d %d\r\n" % (len(self.messages), sum(map(len, self.messages))))
+                    elif cmd == "LIST":
+                        body = b"".join(b"%d %d\r\n" % (i + 1, len(m)) for i, m in enumerate(self.messages)
+                                        if i + 1 not in deleted)
+                        s.sendall(b"+OK\r\n" + body + b".\r\n")
+                    elif cmd in ("RETR", "TOP"):
+                        n = int(arg.split()[0])
+                        m = self.messages[n - 1]
+                        if cmd == "TOP":
+                            m = m.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n"
+                        stuffed = b"".join((b"." + ln if ln.startswith(b".") else ln)
+                                           for ln in m.splitlines(keepends=True))
+                        s.sendall(b"+OK\r\n" + stuffed + b".\r\n")
+                    elif cmd == "DELE":
+                        deleted.add(int(arg))
+                        s.sendall(b"+OK\r\n")
+                    elif cmd == "QUIT":
+                        for n in sorted(deleted, reverse=True):
+                            del self.messages[n - 1]
+                        s.sendall(b"+OK bye\r\n")
+                        return
+                    else:
+                        s.sendall(b"-ERR unknown command\r\n")
+        except (OSError, ssl.SSLError, ValueError):
+            pass

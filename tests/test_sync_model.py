@@ -1,10 +1,12 @@
 """Model-based tests of the two-way planner (mailsync.plan.plan_sync): no server, no disk.
 
 A hypothesis state machine keeps two in-memory stores, a "server" (uid -> content, system flags,
-keywords) and a "Maildir" (key -> content, system flags), plus the sync state (base: uid -> Record)
-that only ever changes by applying plans. Random edits on both sides are interleaved with syncs;
-after every sync that is applied, both sides must agree, no message may be lost, per-flag changes
-on the two sides must both survive and a second sync must have nothing to do.
+keywords) and a "Maildir" (key -> content, system flags | keywords: the file's info letters, keywords
+mapped through dovecot-keywords), plus the sync state (base: uid -> Record) that only ever changes by
+applying plans. System flags and keywords sync alike, both ways, merged on their union against
+base.flags | base.keywords. Random edits on both sides are interleaved with syncs; after every sync
+that is applied, both sides must agree, no message may be lost, per-flag (and per-keyword) changes on
+the two sides must both survive and a second sync must have nothing to do.
 """
 
 from __future__ import annotations
@@ -23,10 +25,17 @@ from mailsync.plan import CONFLICT_POLICIES, deletion_guard, merge_flags, plan_s
 
 SYSTEM = ("\\Seen", "\\Answered", "\\Flagged", "\\Draft", "\\Deleted")
 KEYWORDS = ("$Label1", "$Junk", "$Forwarded")
+ALL = SYSTEM + KEYWORDS
 F = frozenset
 EMPTY: frozenset[str] = frozenset()
 
 system_flags = st.frozensets(st.sampled_from(SYSTEM))
+any_flags = st.frozensets(st.sampled_from(ALL))   # system flags and keywords, as a file carries them
+
+
+def split(flags: frozenset[str]) -> tuple[frozenset[str], frozenset[str]]:
+    """The model's own split of a union set into (system flags, keywords)."""
+    return F(f for f in flags if f in SYSTEM), F(f for f in flags if f not in SYSTEM)
 
 
 # --------------------------------------------------------------------------------------------
@@ -68,6 +77,9 @@ def check_plan_shape(plan: SyncPlan, base: dict[int, Record]) -> None:
             assert uid not in seen, f"UID {uid} both in {seen[uid]} and {name}"
     for uid, add, remove in plan.push:
         assert not (add & remove), f"push for UID {uid} adds and removes {add & remove}"
+        assert add or remove, f"empty push for UID {uid}"
+    for uid, fl, kw in plan.record:
+        assert (fl, kw) == split(fl | kw), f"record for UID {uid} splits badly: flags {sorted(fl)} keywords {sorted(kw)}"
     assert not (set(plan.fetch) & set(base)), "fetch names a known UID"
 
 
@@ -77,20 +89,20 @@ def apply_plan(plan: SyncPlan, server: dict, local: dict, base: dict, ids: Ids) 
     for uid in plan.fetch:
         content, flags, kws = server[uid]
         key = ids.key()
-        local[key] = (content, flags)
+        local[key] = (content, flags | kws)
         base[uid] = Record(uid=uid, key=key, flags=flags, keywords=kws)
-    for key in plan.upload:
-        content, flags = local[key]
+    for key in plan.upload:  # APPEND with the file's flags and keywords
+        content, all_ = local[key]
         uid = ids.uid()
-        server[uid] = (content, flags, EMPTY)
-        base[uid] = Record(uid=uid, key=key, flags=flags)
-    for uid, add, remove in plan.push:
+        server[uid] = (content, *split(all_))
+        base[uid] = Record(uid=uid, key=key, flags=split(all_)[0], keywords=split(all_)[1])
+    for uid, add, remove in plan.push:  # STORE +FLAGS / -FLAGS, keywords included
         content, flags, kws = server[uid]
-        server[uid] = (content, (flags | add) - remove, kws)
-    for uid, flags in plan.pull:
+        server[uid] = (content, *split(((flags | kws) | add) - remove))
+    for uid, all_ in plan.pull:  # rename the file: letters for flags and keywords
         key = old[uid].key
         content, _ = local[key]
-        local[key] = (content, flags)
+        local[key] = (content, all_)
     for uid, flags, kws in plan.record:
         base[uid] = replace(old[uid], flags=flags, keywords=kws)
     for uid in plan.delete_local:
@@ -104,15 +116,16 @@ def apply_plan(plan: SyncPlan, server: dict, local: dict, base: dict, ids: Ids) 
     for uid in plan.refetch:  # local file gone, server changed: download again under a new key
         content, flags, kws = server[uid]
         key = ids.key()
-        local[key] = (content, flags)
+        local[key] = (content, flags | kws)
         base[uid] = Record(uid=uid, key=key, flags=flags, keywords=kws)
     for uid in plan.reupload:  # expunged on the server, changed locally: APPEND the file again
         key = old[uid].key
-        content, flags = local[key]
+        content, all_ = local[key]
         new = ids.uid()
-        server[new] = (content, flags, EMPTY)
+        fl, kw = split(all_)
+        server[new] = (content, fl, kw)
         del base[uid]
-        base[new] = Record(uid=new, key=key, flags=flags)
+        base[new] = Record(uid=new, key=key, flags=fl, keywords=kw)
 
 
 def inputs(server: dict, local: dict, base: dict, *, changed_only: set[int] | None = None,
@@ -126,7 +139,7 @@ def inputs(server: dict, local: dict, base: dict, *, changed_only: set[int] | No
                     and (changed_only is None or uid in changed_only)}
     remote_present = None if none_present else set(server)
     remote_new = {uid for uid in server if uid not in base}
-    local_flags = {key: flags for key, (_, flags) in local.items()}
+    local_flags = {key: all_ for key, (_, all_) in local.items()}  # flags and keywords of each file
     return remote_flags, remote_present, remote_new, local_flags
 
 
@@ -145,11 +158,11 @@ def run_plan(base, remote_flags, remote_present, remote_new, local_flags, policy
 
 
 class SyncModel(RuleBasedStateMachine):
-    @initialize(start=st.lists(system_flags, max_size=4))
+    @initialize(start=st.lists(any_flags, max_size=4))
     def setup(self, start) -> None:
         self.ids = Ids()
         self.server: dict[int, tuple[str, frozenset[str], frozenset[str]]] = {}
-        self.local: dict[str, tuple[str, frozenset[str]]] = {}
+        self.local: dict[str, tuple[str, frozenset[str]]] = {}   # key -> (content, flags | keywords)
         self.base: dict[int, Record] = {}
         self.contents = itertools.count(1)
         self.alive: set[str] = set()      # created and not deleted/expunged by a rule (or kept by sync)
@@ -158,7 +171,7 @@ class SyncModel(RuleBasedStateMachine):
         self.expunged_since_sync = False
         for flags in start:  # a few messages already synced (through a plan, like every base record)
             content = f"m{next(self.contents)}"
-            self.server[self.ids.uid()] = (content, flags, EMPTY)
+            self.server[self.ids.uid()] = (content, *split(flags))
             self.created.add(content)
             self.alive.add(content)
         plan = run_plan(self.base, *inputs(self.server, self.local, self.base), "server")
@@ -170,15 +183,15 @@ class SyncModel(RuleBasedStateMachine):
 
     # ---- edits on the server ----
 
-    @rule()
-    def server_new(self) -> None:
+    @rule(flags=any_flags)
+    def server_new(self, flags) -> None:
         content = f"m{next(self.contents)}"
-        self.server[self.ids.uid()] = (content, EMPTY, EMPTY)
+        self.server[self.ids.uid()] = (content, *split(flags))
         self.created.add(content)
         self.alive.add(content)
 
     @precondition(lambda self: self.server)
-    @rule(data=st.data(), flag=st.one_of(st.sampled_from(SYSTEM), st.sampled_from(KEYWORDS)), add=st.booleans())
+    @rule(data=st.data(), flag=st.sampled_from(ALL), add=st.booleans())
     def server_flag(self, data, flag: str, add: bool) -> None:
         uid = data.draw(st.sampled_from(sorted(self.server)), label="uid")
         content, flags, kws = self.server[uid]
@@ -199,7 +212,7 @@ class SyncModel(RuleBasedStateMachine):
 
     # ---- edits in the Maildir ----
 
-    @rule(flags=system_flags)
+    @rule(flags=any_flags)
     def local_new(self, flags) -> None:
         content = f"m{next(self.contents)}"
         self.local[self.ids.key()] = (content, flags)
@@ -207,7 +220,7 @@ class SyncModel(RuleBasedStateMachine):
         self.alive.add(content)
 
     @precondition(lambda self: self.local)
-    @rule(data=st.data(), flag=st.sampled_from(SYSTEM), add=st.booleans())
+    @rule(data=st.data(), flag=st.sampled_from(ALL), add=st.booleans())
     def local_flag(self, data, flag: str, add: bool) -> None:
         key = data.draw(st.sampled_from(sorted(self.local)), label="key")
         content, flags = self.local[key]
@@ -223,19 +236,17 @@ class SyncModel(RuleBasedStateMachine):
     # ---- the same message edited on both sides (composites of the rules above, made likely) ----
 
     @precondition(lambda self: self.synced())
-    @rule(data=st.data(), flags=st.lists(st.sampled_from(SYSTEM), min_size=2, max_size=2, unique=True))
+    @rule(data=st.data(), flags=st.lists(st.sampled_from(ALL), min_size=2, max_size=2, unique=True))
     def both_change_flags(self, data, flags) -> None:
         uid = data.draw(st.sampled_from(self.synced()), label="uid")
         a, b = flags
-        content, s_fl, kws = self.server[uid]
-        self.server[uid] = (content, s_fl ^ {a}, kws)
-        self.touched.add(uid)
+        self._server_toggle(uid, a)
         key = self.base[uid].key
         content, l_fl = self.local[key]
         self.local[key] = (content, l_fl ^ {b})
 
     @precondition(lambda self: self.synced())
-    @rule(data=st.data(), flag=st.sampled_from(SYSTEM), server_side=st.booleans())
+    @rule(data=st.data(), flag=st.sampled_from(ALL), server_side=st.booleans())
     def delete_one_side_change_other(self, data, flag: str, server_side: bool) -> None:
         uid = data.draw(st.sampled_from(self.synced()), label="uid")
         key = self.base[uid].key
@@ -246,10 +257,13 @@ class SyncModel(RuleBasedStateMachine):
             self.local[key] = (c, l_fl ^ {flag})
         else:            # removed locally, flag toggled on the server
             content = self.local.pop(key)[0]
-            c, s_fl, kws = self.server[uid]
-            self.server[uid] = (c, s_fl ^ {flag}, kws)
-            self.touched.add(uid)
+            self._server_toggle(uid, flag)
         self.alive.discard(content)
+
+    def _server_toggle(self, uid: int, flag: str) -> None:
+        content, s_fl, kws = self.server[uid]
+        self.server[uid] = (content, *split((s_fl | kws) ^ {flag}))
+        self.touched.add(uid)
 
     # ---- sync ----
 
@@ -280,28 +294,41 @@ class SyncModel(RuleBasedStateMachine):
         for uid, rec in self.base.items():
             on_srv = uid in self.server
             on_loc = rec.key in self.local
+            b_all = rec.flags | rec.keywords
+            if on_srv:
+                s_all = self.server[uid][1] | self.server[uid][2]
             if on_srv and on_loc:
                 content = self.server[uid][0]
-                s_fl, l_fl = self.server[uid][1], self.local[rec.key][1]
-                sd, ld = s_fl ^ rec.flags, l_fl ^ rec.flags
+                l_all = self.local[rec.key][1]
+                sd, ld = s_all ^ b_all, l_all ^ b_all
                 if sd and ld and not (sd & ld):
                     event("different flags changed on both sides")
-                # per flag: whichever side moved it away from the base wins (both cannot disagree)
-                out[content] = ("flags", rec.flags ^ (sd | ld), sd, ld)
+                if set(KEYWORDS) & sd:
+                    event("keyword changed on the server")
+                if set(KEYWORDS) & ld:
+                    event("keyword changed locally")
+                # per flag and per keyword: whichever side moved it away from the base wins
+                # (both sides cannot disagree)
+                out[content] = ("flags", b_all ^ (sd | ld), sd, ld)
             elif on_srv:  # removed locally
                 content = self.server[uid][0]
-                changed = self.server[uid][1] != rec.flags
+                changed = s_all != b_all
                 if changed:
                     event(f"conflict: removed locally, changed on server ({policy})")
+                    if s_all - b_all <= set(KEYWORDS) and b_all - s_all <= set(KEYWORDS):
+                        event(f"conflict: removed locally, keyword-only change on server ({policy})")
                 keep = changed and policy != "local"
-                out[content] = ("kept", self.server[uid][1]) if keep else ("gone",)
+                out[content] = ("kept", s_all) if keep else ("gone",)
             elif on_loc:  # expunged on the server
                 content = self.local[rec.key][0]
-                changed = self.local[rec.key][1] != rec.flags
+                l_all = self.local[rec.key][1]
+                changed = l_all != b_all
                 if changed:
                     event(f"conflict: expunged on server, changed locally ({policy})")
+                    if (l_all ^ b_all) <= set(KEYWORDS):
+                        event(f"conflict: expunged on server, keyword-only change locally ({policy})")
                 keep = changed and policy != "server"
-                out[content] = ("kept", self.local[rec.key][1]) if keep else ("gone",)
+                out[content] = ("kept", l_all) if keep else ("gone",)
         return out
 
     def _check_after_sync(self, expected: dict, policy: str) -> None:
@@ -314,11 +341,14 @@ class SyncModel(RuleBasedStateMachine):
         assert {r.key for r in self.base.values()} == set(self.local), "base keys != local files"
         for uid, rec in self.base.items():
             content, s_fl, s_kw = self.server[uid]
-            l_content, l_fl = self.local[rec.key]
+            l_content, l_all = self.local[rec.key]
             assert content == l_content, f"UID {uid} and file {rec.key} are different messages"
-            assert s_fl == l_fl == rec.flags, (
-                f"UID {uid} ({content}): server {sorted(s_fl)} local {sorted(l_fl)} base {sorted(rec.flags)}")
-            assert s_kw == rec.keywords, f"UID {uid}: server keywords {sorted(s_kw)} != base {sorted(rec.keywords)}"
+            assert s_fl | s_kw == l_all == rec.flags | rec.keywords, (
+                f"UID {uid} ({content}): server {sorted(s_fl | s_kw)} local {sorted(l_all)} "
+                f"base {sorted(rec.flags | rec.keywords)}")
+            assert (rec.flags, rec.keywords) == (s_fl, s_kw), (
+                f"UID {uid}: base flags {sorted(rec.flags)} keywords {sorted(rec.keywords)} split differently from "
+                f"the server's {sorted(s_fl)} / {sorted(s_kw)}")
         # 2. nothing lost: every message not deleted by a rule is on both sides
         present = set(srv)
         lost = self.alive - present
@@ -326,7 +356,7 @@ class SyncModel(RuleBasedStateMachine):
         assert present <= self.created
         self.alive |= present  # kept by a conflict policy: a real message again
         # 4. per-flag merge and deletion/change conflicts, message by message
-        by_content = {c: (uid, fl) for uid, (c, fl, _) in self.server.items()}
+        by_content = {c: (uid, fl | kw) for uid, (c, fl, kw) in self.server.items()}
         for content, exp in expected.items():
             if exp[0] == "gone":
                 assert content not in present, f"{content} should be gone (policy {policy})"
@@ -386,11 +416,11 @@ def test_merge_one_side_unchanged_takes_the_other():
     assert merge_flags(base, other, base) == other
 
 
-@given(base=system_flags, local=system_flags, remote=system_flags)
+@given(base=any_flags, local=any_flags, remote=any_flags)
 def test_merge_per_flag(base, local, remote):
     merged = merge_flags(base, local, remote)
     assert merged == merge_flags(base, remote, local)
-    for flag in SYSTEM:
+    for flag in ALL:
         l_moved, r_moved = (flag in local) != (flag in base), (flag in remote) != (flag in base)
         if l_moved:
             assert (flag in merged) == (flag in local)
@@ -400,11 +430,25 @@ def test_merge_per_flag(base, local, remote):
             assert (flag in merged) == (flag in base)
 
 
+def test_merge_keywords_like_flags():
+    base = F({"\\Seen", "$Label1"})
+    local = F({"\\Seen", "$Label1", "$Junk"})   # local added a keyword
+    remote = F({"$Label1"})                      # server removed \Seen
+    assert merge_flags(base, local, remote) == F({"$Label1", "$Junk"})
+    assert merge_flags(base, F({"\\Seen"}), base) == F({"\\Seen"})   # a keyword removed on one side
+
+
 # --------------------------------------------------------------------------------------------
 # deletion / change conflicts under each policy
 
 REC = Record(uid=7, key="k7", flags=F({"\\Seen"}), keywords=F({"$Label1"}))
+ALL7 = REC.flags | REC.keywords                 # what the file k7 carries when unchanged
 BASE = {7: REC}
+
+# changes of one side away from the base: a system flag, a keyword added, a keyword removed
+LOCAL_CHANGES = {"flag": ALL7 | {"\\Flagged"}, "keyword+": ALL7 | {"$Junk"}, "keyword-": REC.flags}
+REMOTE_CHANGES = {"flag": (F(), REC.keywords), "keyword+": (REC.flags, REC.keywords | {"$Junk"}),
+                  "keyword-": (REC.flags, F())}
 
 
 def plan_one(local, remote_flags, present, policy="server"):
@@ -413,17 +457,20 @@ def plan_one(local, remote_flags, present, policy="server"):
 
 @pytest.mark.parametrize("policy", CONFLICT_POLICIES)
 def test_unchanged_deletions_propagate(policy):
-    p = plan_one({"k7": REC.flags}, {}, set(), policy)          # expunged on the server
+    p = plan_one({"k7": ALL7}, {}, set(), policy)               # expunged on the server
     assert p.delete_local == (7,) and not p.conflicts and not p.reupload
     p = plan_one({}, {}, {7}, policy)                           # removed locally
+    assert p.delete_remote == (7,) and not p.conflicts and not p.refetch
+    p = plan_one({}, {7: (REC.flags, REC.keywords)}, {7}, policy)   # removed locally, server read unchanged
     assert p.delete_remote == (7,) and not p.conflicts and not p.refetch
     p = plan_one({}, {}, set(), policy)                         # gone on both sides
     assert p.forget == (7,) and p.deletions == 0 and not p.conflicts
 
 
+@pytest.mark.parametrize("change", sorted(LOCAL_CHANGES))
 @pytest.mark.parametrize("policy,outcome", [("server", "delete_local"), ("local", "reupload"), ("union", "reupload")])
-def test_expunged_on_server_changed_locally(policy, outcome):
-    p = plan_one({"k7": F({"\\Seen", "\\Flagged"})}, {}, set(), policy)
+def test_expunged_on_server_changed_locally(policy, outcome, change):
+    p = plan_one({"k7": LOCAL_CHANGES[change]}, {}, set(), policy)
     assert getattr(p, outcome) == (7,)
     other = {"delete_local", "reupload"} - {outcome}
     assert all(getattr(p, o) == () for o in other)
@@ -431,9 +478,11 @@ def test_expunged_on_server_changed_locally(policy, outcome):
     assert not (p.pull or p.push or p.record or p.delete_remote or p.refetch or p.forget)
 
 
+@pytest.mark.parametrize("change", sorted(REMOTE_CHANGES))
 @pytest.mark.parametrize("policy,outcome", [("server", "refetch"), ("local", "delete_remote"), ("union", "refetch")])
-def test_removed_locally_changed_on_server(policy, outcome):
-    p = plan_one({}, {7: (F(), REC.keywords)}, {7}, policy)
+def test_removed_locally_changed_on_server(policy, outcome, change):
+    """A keyword-only change on the server conflicts with a local deletion like a flag change."""
+    p = plan_one({}, {7: REMOTE_CHANGES[change]}, {7}, policy)
     assert getattr(p, outcome) == (7,)
     other = {"refetch", "delete_remote"} - {outcome}
     assert all(getattr(p, o) == () for o in other)
@@ -441,26 +490,57 @@ def test_removed_locally_changed_on_server(policy, outcome):
     assert not (p.pull or p.push or p.record or p.delete_local or p.reupload or p.forget)
 
 
+def test_keyword_moved_between_flags_and_keywords_is_no_change():
+    """Only the union counts: the server's split of the same set is not a change."""
+    p = plan_one({}, {7: (F(), ALL7)}, {7}, "server")
+    assert p.delete_remote == (7,) and not p.conflicts
+
+
 def test_unknown_policy_is_refused():
     with pytest.raises(ValueError):
-        plan_one({"k7": REC.flags}, {}, None, "newest")
+        plan_one({"k7": ALL7}, {}, None, "newest")
 
 
 def test_nothing_changed_plans_nothing():
     for present in (None, {7}):
         for flags in ({}, {7: (REC.flags, REC.keywords)}):
-            assert plan_one({"k7": REC.flags}, flags, present).empty
+            assert plan_one({"k7": ALL7}, flags, present).empty
 
 
-def test_keyword_change_only_is_recorded_not_pushed():
-    p = plan_one({"k7": REC.flags}, {7: (REC.flags, F({"$Junk"}))}, {7})
+def test_local_keyword_added_is_pushed():
+    p = plan_one({"k7": ALL7 | {"$Junk"}}, {}, {7})
+    assert p.push == ((7, F({"$Junk"}), F()),)
+    assert p.record == ((7, REC.flags, REC.keywords | {"$Junk"}),)
+    assert not p.pull and not p.conflicts
+
+
+def test_local_keyword_removed_is_pushed():
+    p = plan_one({"k7": REC.flags}, {7: (REC.flags, REC.keywords)}, {7})
+    assert p.push == ((7, F(), F({"$Label1"})),)
+    assert p.record == ((7, REC.flags, F()),)
+    assert not p.pull and not p.conflicts
+
+
+def test_server_keyword_change_is_pulled():
+    p = plan_one({"k7": ALL7}, {7: (REC.flags, F({"$Junk"}))}, {7})   # $Label1 -> $Junk on the server
+    assert p.pull == ((7, REC.flags | {"$Junk"}),)
     assert p.record == ((7, REC.flags, F({"$Junk"})),)
-    assert not (p.push or p.pull)
+    assert not p.push and not p.conflicts
+
+
+def test_keyword_and_flag_changes_on_both_sides_both_survive():
+    # local added $Junk and removed $Label1, server removed \Seen and added $Forwarded
+    p = plan_one({"k7": F({"\\Seen", "$Junk"})}, {7: (F(), F({"$Label1", "$Forwarded"}))}, {7})
+    merged = F({"$Junk", "$Forwarded"})
+    assert p.push == ((7, F({"$Junk"}), F({"$Label1"})),)
+    assert p.pull == ((7, merged),)
+    assert p.record == ((7, F(), merged),)
 
 
 def test_new_on_both_sides():
-    p = plan_sync(BASE, {}, {7, 9}, {9}, {"k7": REC.flags, "k8": F({"\\Draft"})})
+    p = plan_sync(BASE, {}, {7, 9}, {9}, {"k7": ALL7, "k8": F({"\\Draft", "$Junk"})})
     assert p.fetch == (9,) and p.upload == ("k8",)
+    assert not (p.push or p.pull or p.record)
 
 
 # --------------------------------------------------------------------------------------------

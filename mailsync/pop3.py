@@ -1,0 +1,308 @@
+"""POP3S download into the Maildir's INBOX: identity is the UIDL, nothing is ever uploaded.
+
+Byte-exact: RETR is read raw (poplib's own reader refuses lines over 2,048 bytes and folds bare
+LF into CRLF), only the dot-stuffing is undone. Delivery is the same crash-safe two-phase one as
+for IMAP: stage in tmp/, flush as a group, record the UIDLs, publish.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import poplib
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from mailsync import crashpoint
+from mailsync.config import Account
+from mailsync.errors import AuthError, ConnectionLost, MailsyncError, ServerError, TLSError
+from mailsync.imap import connect_errors, fingerprint_hex, message_id, pretty_fingerprint, tls_context
+from mailsync.maildir import MaildirFolder, make_dirs
+from mailsync.model import FolderResult
+from mailsync.plan import batches
+from mailsync.state import RunLock, State
+
+Progress = Callable[[str, dict], None]
+MAX_LINE = 64 * 1024 * 1024  # a single line longer than this is refused as hostile
+
+
+class Pop3Session:
+    def __init__(self, acc: Account, password: str) -> None:
+        self.acc = acc
+        self.where = f"{acc.host}:{acc.port}"
+        try:
+            self.pop = poplib.POP3_SSL(acc.host, acc.port, context=tls_context(acc), timeout=acc.timeout)
+        except BaseException as exc:  # noqa: BLE001 - translated
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            if isinstance(exc, poplib.error_proto):
+                exc = ConnectionLost(f"{self.where} did not greet like a POP3 server: {_text(exc)}",
+                                     hint="is this a POP3S port? POP3S is usually 995")
+            raise connect_errors(acc, exc) from None
+        try:
+            if acc.fingerprint:
+                got = fingerprint_hex(self.pop.sock.getpeercert(binary_form=True))
+                if got != acc.fingerprint:
+                    raise TLSError(f"certificate of {self.where} does not match the pinned fingerprint; "
+                                   f"server shows SHA-256 {pretty_fingerprint(got)}",
+                                   hint="if the server's certificate was renewed, update fingerprint")
+            try:
+                self.pop.user(acc.username)
+                self.pop.pass_(password)
+            except poplib.error_proto as exc:
+                raise AuthError(f"login as {acc.username} at {self.where} failed: {_text(exc)}",
+                                hint="check username and password (an app password, or POP access enabled "
+                                     "at the provider, may be needed)") from None
+        except (OSError, EOFError) as exc:
+            self.close()
+            raise ConnectionLost(f"connection to {self.where} lost during login: {_text(exc)}") from None
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self, commit: bool = False) -> None:
+        """QUIT commits DELEs; without commit the connection is just dropped (DELEs roll back)."""
+        if commit:
+            self._call(self.pop.quit)
+            return
+        with contextlib.suppress(Exception):
+            self.pop.sock.close()
+
+    def _call(self, fn, *args):
+        try:
+            return fn(*args)
+        except poplib.error_proto as exc:
+            text = _text(exc)
+            if "EOF" in text:
+                raise ConnectionLost(f"{self.where} closed the connection",
+                                     hint="run again to continue; what was saved is kept") from None
+            raise ServerError(f"{self.where} refused a command: {text}") from None
+        except (OSError, EOFError) as exc:
+            raise ConnectionLost(f"connection to {self.where} lost: {_text(exc)}",
+                                 hint="run again to continue; what was saved is kept") from None
+
+    def listing(self) -> dict[int, int]:
+        _, lines, _ = self._call(self.pop.list)
+        out = {}
+        for line in lines:
+            num, _, size = line.decode("ascii", "replace").partition(" ")
+            out[int(num)] = int(size.split()[0])
+        return out
+
+    def uidls(self, sizes: dict[int, int]) -> tuple[dict[int, str], bool]:
+        """Message number -> identity. Without UIDL: a hash of the headers (TOP n 0) and size."""
+        try:
+            _, lines, _ = self.pop.uidl()
+        except poplib.error_proto:
+            out = {}
+            for n, size in sizes.items():
+                head = self.raw("TOP %d 0" % n)
+                out[n] = f"hdr:{hashlib.sha256(head).hexdigest()}:{size}"
+            return out, False
+        except (OSError, EOFError) as exc:
+            raise ConnectionLost(f"connection to {self.where} lost: {_text(exc)}") from None
+        out = {}
+        for line in lines:
+            num, _, uid = line.decode("ascii", "replace").partition(" ")
+            out[int(num)] = uid.strip()
+        return out, True
+
+    def raw(self, command: str) -> bytes:
+        """A multi-line command's body exactly as sent, with only the dot-stuffing undone."""
+        def run():
+            self.pop._putcmd(command)
+            resp = self.pop._getresp()
+            if not resp.startswith(b"+"):
+                raise poplib.error_proto(resp)
+            f = self.pop.file
+            parts: list[bytes] = []
+            line = b""
+            while True:
+                chunk = f.readline(1 << 20)
+                if not chunk:
+                    raise EOFError("EOF in the middle of a message")
+                line += chunk
+                if not line.endswith(b"\n"):
+                    if len(line) > MAX_LINE:
+                        raise poplib.error_proto(b"-ERR line too long")
+                    continue
+                if line in (b".\r\n", b".\n"):
+                    return b"".join(parts)
+                parts.append(line[1:] if line.startswith(b".") else line)
+                line = b""
+        return self._call(run)
+
+    def retr(self, n: int) -> bytes:
+        return self.raw("RETR %d" % n)
+
+    def dele(self, n: int) -> None:
+        self._call(self.pop.dele, n)
+
+
+@dataclass
+class Pop3Result:
+    account: str
+    folders: list[FolderResult] = field(default_factory=list)
+    seconds: float = 0.0
+    created: list[str] = field(default_factory=list)
+
+    @property
+    def failed(self) -> list[FolderResult]:
+        return [f for f in self.folders if f.error]
+
+
+def download(acc: Account, password: str, *, progress: Progress = lambda e, d: None,
+             stop: threading.Event | None = None) -> Pop3Result:
+    started = time.monotonic()
+    stop = stop or threading.Event()
+    res = FolderResult(name="INBOX")
+    result = Pop3Result(account=acc.name, folders=[res])
+    make_dirs(acc.maildir)
+    with RunLock(acc.maildir):
+        state = State(acc.maildir)
+        try:
+            for attempt in range(acc.retries + 1):
+                try:
+                    _download(acc, password, state, res, progress, stop)
+                    res.error = ""
+                    break
+                except ConnectionLost as exc:
+                    res.error = str(exc)
+                    res._lost = True  # type: ignore[attr-defined]
+                    if attempt == acc.retries:
+                        break
+                    delay = min(2 ** attempt, 30)
+                    progress("retry", {"folder": "INBOX", "error": str(exc), "delay": delay})
+                    time.sleep(delay)
+                except ServerError as exc:
+                    res.error = str(exc)
+                    break
+        finally:
+            state.close()
+    res.seconds = result.seconds = time.monotonic() - started
+    return result
+
+
+def _download(acc: Account, password: str, state: State, res: FolderResult, progress: Progress,
+              stop: threading.Event) -> None:
+    t0 = time.monotonic()
+    mf = MaildirFolder(acc.maildir)
+    mf.ensure()
+    on_disk = mf.scan()
+    known = state.pop3_records()                    # uidl -> row
+    known_keys = {r["key"] for r in known.values()}
+    stranded = (mf.tmp_keys() & known_keys) - on_disk.keys()
+    for key in stranded:
+        on_disk[key] = ("new", mf.publish(key, frozenset()))
+    if stranded:
+        mf.sync_dirs()
+    mf.clean_tmp(keep=known_keys - on_disk.keys())
+
+    s = Pop3Session(acc, password)
+    committed = False
+    try:
+        sizes = s.listing()
+        ids, has_uidl = s.uidls(sizes)
+        if not has_uidl:
+            res.notices.append("the server has no UIDL; messages are identified by a hash of their "
+                               "headers and size")
+        present = set(ids.values())
+        todo: list[int] = []
+        refetch: set[int] = set()
+        too_big = 0
+        for n in sorted(ids):
+            uidl = ids[n]
+            row = known.get(uidl)
+            if row is not None and row["key"] in on_disk:
+                continue
+            if acc.max_message_size and sizes.get(n, 0) > acc.max_message_size:
+                too_big += 1
+                continue
+            todo.append(n)
+            if row is not None:
+                refetch.add(n)
+        if too_big:
+            res.notices.append(f"{too_big} messages larger than max_message_size ({acc.max_message_size} bytes) "
+                               "were not downloaded; raise max_message_size to get them")
+            res.skipped_too_big = too_big  # type: ignore[attr-defined]
+        # identities that vanished (a UIDL format change, as Dovecot's when UIDVALIDITY changes):
+        # their files are re-bound by content instead of stored twice
+        orphans: dict[str, list[str]] = {}
+        for uidl, row in known.items():
+            if uidl not in present and row["key"] in on_disk:
+                orphans.setdefault(row["sha256"], []).append(uidl)
+        gone = [u for u, row in known.items() if u not in present and row["on_server"]]
+        progress("folder_start", {"folder": "INBOX", "messages": len(todo),
+                                  "bytes": sum(sizes.get(n, 0) for n in todo)})
+        for batch in batches(sizes, todo, acc.batch_bytes):
+            if stop.is_set():
+                raise KeyboardInterrupt
+            staged, rebinds, got = [], [], 0
+            try:
+                for n in batch:
+                    body = s.retr(n)
+                    sha = hashlib.sha256(body).hexdigest()
+                    if orphans.get(sha) and n not in refetch:
+                        rebinds.append((orphans[sha].pop(), ids[n]))
+                        continue
+                    key = mf.stage(body, None)
+                    staged.append((key, ids[n], body, sha))
+                    got += len(body)
+                    progress("message", {"folder": "INBOX", "bytes": len(body)})
+            except BaseException:
+                for key, *_ in staged:
+                    mf.discard(key)
+                raise
+            mf.sync([k for k, *_ in staged])
+            crashpoint.hit("staged")
+            now = time.time()
+            with state.transaction() as tx:
+                for key, uidl, body, sha in staged:
+                    tx.pop3_add(uidl, key, len(body), sha, message_id(body), now)
+                for old, new in rebinds:
+                    tx.pop3_rebind(old, new)
+            crashpoint.hit("recorded")
+            for key, *_ in staged:
+                on_disk[key] = ("new", mf.publish(key, frozenset()))
+                crashpoint.hit("published")
+            mf.sync_dirs()
+            res.new += sum(1 for _k, uidl, _b, _s in staged if known.get(uidl) is None)
+            res.refetched += sum(1 for _k, uidl, _b, _s in staged if known.get(uidl) is not None)
+            res.rebound += len(rebinds)
+            res.bytes += got
+        if gone:
+            with state.transaction() as tx:
+                tx.pop3_gone(gone)
+            res.gone += len(gone)
+        # leave on server, unless delete_after_days: only what is safely on disk, and old enough
+        if acc.delete_after_days is not None:
+            limit = time.time() - acc.delete_after_days * 86400
+            rows = state.pop3_records()
+            doomed = [(n, uidl) for n, uidl in sorted(ids.items())
+                      if uidl in rows and rows[uidl]["key"] in on_disk and rows[uidl]["first_seen"] <= limit]
+            for n, _uidl in doomed:
+                s.dele(n)
+            s.close(commit=True)  # QUIT: the server deletes now
+            committed = True
+            if doomed:
+                with state.transaction() as tx:
+                    tx.pop3_gone([u for _, u in doomed])
+                res.deleted_remote += len(doomed)
+        else:
+            s.close(commit=True)
+            committed = True
+    finally:
+        if not committed:
+            s.close()
+    res.seconds = time.monotonic() - t0
+
+
+def _text(exc: BaseException) -> str:
+    s = exc.args[0] if exc.args else str(exc)
+    if isinstance(s, bytes):
+        s = s.decode("utf-8", "replace")
+    return str(s).strip() or type(exc).__name__

@@ -1,0 +1,139 @@
+"""POP3S download-only mode against the real Dovecot POP3S listener."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+
+import pytest
+
+from tests import corpus, faults
+from tests.helpers import local_files, msg, sha
+
+
+@pytest.fixture
+def pu(user):
+    user.write_config('protocol = "pop3"', port=user.server.pop3s_port)
+    return user
+
+
+def run(u, code=0):
+    r = u.run("sync", "test", "--json")
+    assert r.returncode == code, r.stderr
+    return json.loads(r.stdout)
+
+
+def seed(u, n=20):
+    msgs = [msg(i, body="p" * 2000) for i in range(n)] + corpus.MALFORMED + [corpus.with_attachment(1, 300)]
+    u.server.seed(u.name, "INBOX", msgs)
+    return msgs
+
+
+def test_byte_exact_download_and_incremental_rerun(pu):
+    msgs = seed(pu)
+    s = run(pu)
+    assert s["totals"]["new"] == len(msgs)
+    files = local_files(pu.maildir)
+    # exactly the server's bytes, malformed ones too (a 5,000-byte line, NUL, 8-bit, no body)
+    assert sorted(files.values()) == sorted(msgs)
+    assert all(p.parent.name == "new" and p.name.endswith(":2,") for p in files)
+    snap = {p: p.stat().st_mtime_ns for p in files}
+    s = run(pu)
+    assert s["totals"]["new"] == 0 and s["totals"]["bytes"] == 0
+    assert {p: p.stat().st_mtime_ns for p in local_files(pu.maildir)} == snap
+    # left on the server by default
+    assert len(pu.server_messages()["INBOX"]) == len(msgs)
+    pu.append("INBOX", [msg(999)])
+    assert run(pu)["totals"]["new"] == 1
+
+
+@pytest.mark.parametrize("point", ["staged:1", "recorded:1", "published:1", "published:7"])
+def test_kill_then_rerun_exactly_once(pu, point):
+    msgs = seed(pu)
+    pu.write_config('protocol = "pop3"\nbatch_bytes = 65536', port=pu.server.pop3s_port)
+    r = pu.run("sync", "test", env=pu.env(MAILSYNC_CRASH_AT=point))
+    assert r.returncode == 137, r.stderr
+    run(pu)
+    files = local_files(pu.maildir)
+    assert sorted(files.values()) == sorted(msgs)
+    assert not any((pu.maildir / "tmp").iterdir())
+
+
+def test_delete_after_days_deletes_only_what_is_stored_and_old(pu):
+    msgs = seed(pu, n=6)
+    pu.write_config('protocol = "pop3"\ndelete_after_days = 2', port=pu.server.pop3s_port)
+    run(pu)
+    assert len(pu.server_messages()["INBOX"]) == len(msgs)  # stored just now: too young
+    # make three of them look stored three days ago
+    db = sqlite3.connect(pu.maildir / ".mailsync.db")
+    keys = [r[0] for r in db.execute("SELECT uidl FROM pop3 ORDER BY uidl LIMIT 3")]
+    db.executemany("UPDATE pop3 SET first_seen=? WHERE uidl=?", [(time.time() - 3 * 86400, k) for k in keys])
+    db.commit()
+    db.close()
+    s = run(pu)
+    assert s["totals"]["deleted_remote"] == 3
+    assert len(pu.server_messages()["INBOX"]) == len(msgs) - 3
+    assert len(local_files(pu.maildir)) == len(msgs)  # never deleted locally
+
+
+def test_delete_after_days_never_deletes_what_is_not_on_disk(pu):
+    seed(pu, n=4)
+    run(pu)
+    victim = sorted(local_files(pu.maildir))[0]
+    victim.unlink()
+    pu.write_config('protocol = "pop3"\ndelete_after_days = 0', port=pu.server.pop3s_port)
+    s = run(pu)
+    # the missing file is fetched again first, then everything (now safely on disk) is deleted
+    assert s["totals"]["restored"] == 1
+    files = local_files(pu.maildir)
+    assert len(files) == 4 + len(corpus.MALFORMED) + 1
+    assert pu.server_messages()["INBOX"] == {}
+
+
+def test_changed_uidls_are_rematched_by_content(pu):
+    msgs = seed(pu, n=5)
+    run(pu)
+    # Dovecot's UIDLs embed the UID: losing its uidlist renumbers every message
+    (pu.server.maildir(pu.name) / "dovecot-uidlist").unlink()
+    pu.server.doveadm("force-resync", "-u", pu.name, "INBOX")
+    s = run(pu)
+    assert s["totals"]["new"] == 0
+    assert sorted(local_files(pu.maildir).values()) == sorted(msgs)
+
+
+def test_max_message_size_skips_with_a_notice(pu):
+    pu.server.seed(pu.name, "INBOX", [msg(1), corpus.with_attachment(2, 200)])
+    pu.write_config('protocol = "pop3"\nmax_message_size = 100000', port=pu.server.pop3s_port)
+    r = pu.run("sync", "test")
+    assert r.returncode == 0
+    assert "larger than max_message_size" in r.stderr
+    assert len(local_files(pu.maildir)) == 1
+
+
+def test_server_without_uidl(pu, dovecot):
+    msgs = [msg(1), msg(2), b"Subject: .dot\r\n\r\n.leading dot line\r\n..two\r\n"]
+    ca = dovecot.root / "ca"
+    with faults.Pop3NoUidl(ca / "server.pem", ca / "server.key", msgs, password=pu.password) as srv:
+        pu.write_config('protocol = "pop3"', port=srv.port)
+        r = pu.run("sync", "test", "--json")
+        assert r.returncode == 0, r.stderr
+        assert "no UIDL" in r.stderr
+        assert sorted(local_files(pu.maildir).values()) == sorted(msgs)  # dot-stuffing undone
+        s = json.loads(pu.run("sync", "test", "--json").stdout)
+        assert s["totals"]["new"] == 0
+
+
+def test_pop3_refuses_untrusted_certificate_and_wrong_password(pu):
+    pu.write_config('protocol = "pop3"', port=pu.server.pop3s_port, ca=False)
+    r = pu.run("sync", "test")
+    assert r.returncode == 4 and "SHA-256" in r.stderr and "Traceback" not in r.stderr
+    pu.write_config('protocol = "pop3"', port=pu.server.pop3s_port)
+    r = pu.run("sync", "test", env=pu.env(MAILSYNC_TEST_PASSWORD="nope-wrong"))
+    assert r.returncode == 3 and "login as" in r.stderr and "nope-wrong" not in r.stderr
+
+
+def test_pop3_account_cannot_use_sync_mode(pu):
+    pu.write_config('protocol = "pop3"\nmode = "sync"', port=pu.server.pop3s_port)
+    r = pu.run("sync", "test")
+    assert r.returncode == 2 and "download-only" in r.stderr
