@@ -170,6 +170,38 @@ def sync(
     raise typer.Exit(code)
 
 
+def _setup(config: Optional[Path], debug: bool):
+    debug = debug or _opts.get("debug", False)
+    if debug:
+        logging.basicConfig(level=logging.DEBUG, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+    return debug
+
+
+@app.command()
+def compare(
+    imap_account: str = typer.Argument(..., help="An IMAP account of the mailbox."),
+    pop3_account: str = typer.Argument(..., help="A POP3 account of the same mailbox."),
+    as_json: bool = typer.Option(False, "--json", help="Print the comparison as JSON."),
+    keep: Optional[Path] = typer.Option(None, "--keep", help="Keep both downloads in this directory."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Config file."),
+    debug: bool = typer.Option(False, "--debug", help="Log and show tracebacks."),
+) -> None:
+    """Download one mailbox over IMAP and over POP3 (into temporary Maildirs) and compare."""
+    debug = _setup(config, debug)
+    try:
+        cfg = config_mod.load(config or _opts.get("config"))
+        ia, pa = cfg.account(imap_account), cfg.account(pop3_account)
+        from mailsync import compare as cmp
+        from mailsync import secrets
+        d = cmp.compare(ia, pa, secrets.password(ia), secrets.password(pa), keep=keep)
+    except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001
+        if isinstance(exc, KeyboardInterrupt):
+            raise typer.Exit(130) from None
+        _fail(exc, debug)
+        return
+    typer.echo(json.dumps(d, indent=2, ensure_ascii=False) if as_json else cmp.table(d))
+
+
 def _line(r) -> str:
     fs = r.folders
     new = sum(f.new for f in fs)

@@ -137,3 +137,27 @@ def test_pop3_account_cannot_use_sync_mode(pu):
     pu.write_config('protocol = "pop3"\nmode = "sync"', port=pu.server.pop3s_port)
     r = pu.run("sync", "test")
     assert r.returncode == 2 and "download-only" in r.stderr
+
+
+def test_compare_imap_and_pop3_of_one_mailbox(user):
+    user.server.seed(user.name, "INBOX", [msg(i) for i in range(5)] + corpus.MALFORMED[:3])
+    user.append("INBOX", [msg(50)], flags=[b"\\Seen", b"$Work"])
+    user.append("Archive", [msg(60), msg(61)])
+    cfg = user.write_config()
+    text = cfg.read_text()
+    pop = text.replace("[accounts.test]", "[accounts.pop]").replace(
+        f"port = {user.server.imaps_port}", f'port = {user.server.pop3s_port}\nprotocol = "pop3"')
+    cfg.write_text(text + "\n" + pop)
+    r = user.run("compare", "test", "pop", "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["imap"]["messages"] == 11 and d["pop3"]["messages"] == 9
+    assert d["imap"]["folders"] == 2 and d["pop3"]["folders"] == 1
+    assert d["imap_other_folders_messages"] == 2
+    # Dovecot turns a NUL into 0x80 over IMAP but sends it as is over POP3
+    assert d["only_in_imap_inbox"] == d["only_in_pop3"] == 1
+    assert "yes" in d["imap"]["flags_kept"] and "no" in d["pop3"]["flags_kept"]
+    # the accounts' own backups were not touched
+    assert not user.maildir.exists()
+    r = user.run("compare", "test", "pop")
+    assert r.returncode == 0 and "flags kept" in r.stdout and "re-run" in r.stdout
