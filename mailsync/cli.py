@@ -13,7 +13,7 @@ import typer
 
 from mailsync import __version__
 from mailsync import config as config_mod
-from mailsync.errors import ConfigError, ConnectionLost, MailsyncError, PartialFailure
+from mailsync.errors import ConfigError, ConnectionLost, MailsyncError, PartialFailure, SafetyAbort
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, invoke_without_command=True, pretty_exceptions_enable=False,
                   help="Keep a local Maildir in step with your mail servers.")
@@ -148,7 +148,7 @@ def sync(
         if all(getattr(f, "_lost", False) for f in failed):
             code = ConnectionLost.exit_code
         elif all(getattr(f, "_safety", False) for f in failed):
-            code = 10
+            code = SafetyAbort.exit_code
         else:
             code = PartialFailure.exit_code
     if as_json:

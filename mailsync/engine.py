@@ -18,7 +18,8 @@ from pathlib import Path
 from mailsync.config import Account
 from mailsync.errors import ConnectionLost, MailsyncError, ServerError, StorageError
 from mailsync.folders import map_paths, selected
-from mailsync.folderjob import FolderJob, Options, SafetyAbort, Stopped
+from mailsync.errors import SafetyAbort
+from mailsync.folderjob import FolderJob, Options, Stopped
 from mailsync.imap import FolderInfo, ImapSession
 from mailsync.localfolders import local_folders
 from mailsync.maildir import make_dirs

@@ -65,3 +65,9 @@ class StorageError(MailsyncError):
 
 class PartialFailure(MailsyncError):
     exit_code = 9
+
+
+class SafetyAbort(MailsyncError):
+    """The deletion guard stopped a folder: nothing was changed in it."""
+
+    exit_code = 10

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from mailsync import crashpoint
 from mailsync.config import Account
-from mailsync.errors import MailsyncError
+from mailsync.errors import SafetyAbort
 from mailsync.imap import FolderInfo, ImapSession, crlf, message_id
 from mailsync.maildir import MaildirFolder, storage_error
 from mailsync.model import FolderResult, Record, ServerView, flags_from_letters, split_flags, split_name
@@ -29,10 +29,6 @@ Progress = Callable[[str, dict], None]
 
 class Stopped(Exception):
     """The run was interrupted (Ctrl-C): stop between batches; what is saved stays saved."""
-
-
-class SafetyAbort(MailsyncError):
-    exit_code = 10
 
 
 @dataclass

@@ -10,16 +10,14 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import poplib
-import socket
-import ssl
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from mailsync import crashpoint
 from mailsync.config import Account
-from mailsync.errors import AuthError, ConnectionLost, MailsyncError, ServerError, TLSError
+from mailsync.engine import RunResult
+from mailsync.errors import AuthError, ConnectionLost, ServerError, TLSError
 from mailsync.imap import connect_errors, fingerprint_hex, message_id, pretty_fingerprint, tls_context
 from mailsync.maildir import MaildirFolder, make_dirs
 from mailsync.model import FolderResult
@@ -143,24 +141,12 @@ class Pop3Session:
         self._call(self.pop.dele, n)
 
 
-@dataclass
-class Pop3Result:
-    account: str
-    folders: list[FolderResult] = field(default_factory=list)
-    seconds: float = 0.0
-    created: list[str] = field(default_factory=list)
-
-    @property
-    def failed(self) -> list[FolderResult]:
-        return [f for f in self.folders if f.error]
-
-
 def download(acc: Account, password: str, *, progress: Progress = lambda e, d: None,
-             stop: threading.Event | None = None) -> Pop3Result:
+             stop: threading.Event | None = None) -> RunResult:
     started = time.monotonic()
     stop = stop or threading.Event()
     res = FolderResult(name="INBOX")
-    result = Pop3Result(account=acc.name, folders=[res])
+    result = RunResult(account=acc.name, folders=[res])
     make_dirs(acc.maildir)
     with RunLock(acc.maildir):
         state = State(acc.maildir)

@@ -188,17 +188,6 @@ class State:
             return {r[0]: (decode_flags(r[1]), frozenset(r[2].split("\x1f")) if r[2] else frozenset()) for r in
                     self.db.execute("SELECT key, flags, keywords FROM messages WHERE folder_id=?", (fid,))}
 
-    def count_on_server(self, fid: int, uidvalidity: int) -> int:
-        with self._lock:
-            return self.db.execute(
-                "SELECT count(*) FROM messages WHERE folder_id=? AND uidvalidity=? AND on_server=1",
-                (fid, uidvalidity)).fetchone()[0]
-
-    def find_hash(self, fid: int, sha256: str) -> list[tuple[int, Record]]:
-        with self._lock:
-            rows = self.db.execute("SELECT * FROM messages WHERE folder_id=? AND sha256=?", (fid, sha256)).fetchall()
-        return [(r["id"], _row_record(r)) for r in rows]
-
     def transaction(self):
         return _Tx(self)
 

@@ -1,0 +1,1008 @@
+"""`mailsync check`: walk through a connection step by step and say where and why it fails.
+
+Steps, in order; the first failing step ends the check with its exit code (mailsync.errors):
+  1. DNS          host name -> addresses                         (5)
+  2. TCP          connect, time taken; --ports probes 143/110/993/995 first (info only)  (5)
+  3. TLS          handshake verified as mailsync does it (ca_file, system store or a pin);
+                  on failure: plaintext port? expired? wrong name? unknown CA?   (4; 5 on no answer)
+  4. certificate  subject, issuer, names, expiry, SHA-256 fingerprint
+  5. greeting     "* OK" / "+OK", then CAPABILITY / CAPA                     (6)
+  6. login        only with a username and a password                        (3)
+  7. latency      a few NOOPs (min/median), then LOGOUT / QUIT               (6)
+
+Every line goes through `emit` with a 5-character prefix: "ok   ", "FAIL ", "warn ", "info ".
+A FAIL line is followed by one "  likely cause: ...; fix: ..." line. The password is sent to the
+server and nowhere else: it is never printed, stored on the target, or put into an exception.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import socket
+import ssl
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from types import SimpleNamespace
+from typing import NoReturn
+
+from mailsync.config import DEFAULT_PORTS, PROTOCOLS
+from mailsync.errors import AuthError, ConfigError, ConnectError, ConnectionLost, TLSError
+from mailsync.imap import fingerprint_hex, pretty_fingerprint, tls_context
+
+DEFAULT_TIMEOUT = 20.0          # for `mailsync check HOST[:PORT]` (an account has its own timeout)
+PROBE_PORTS = ((143, "IMAP, plaintext/STARTTLS"), (110, "POP3, plaintext/STARTTLS"),
+               (993, "IMAPS, implicit TLS"), (995, "POP3S, implicit TLS"))
+NOOPS = 5
+EXPIRY_WARN_DAYS = 14
+
+# OpenSSL X509_V_ERR_* codes (SSLCertVerificationError.verify_code)
+_NOT_YET_VALID, _EXPIRED = 9, 10
+_SELF_SIGNED, _SELF_SIGNED_IN_CHAIN = 18, 19
+_UNKNOWN_ISSUER = (2, 20, 21)
+_NAME_MISMATCH = (62, 63, 64)   # host name, e-mail, IP address mismatch
+
+
+@dataclass
+class CheckTarget:
+    host: str
+    port: int
+    protocol: str = "imap"              # "imap" | "pop3"
+    username: str | None = None
+    ca_file: Path | None = None
+    fingerprint: str | None = None      # normalised upper-case hex, as config.py stores it
+    timeout: float = DEFAULT_TIMEOUT
+
+    @property
+    def where(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def target_from_account(acc) -> CheckTarget:
+    return CheckTarget(host=acc.host, port=acc.port, protocol=acc.protocol, username=acc.username,
+                       ca_file=acc.ca_file, fingerprint=acc.fingerprint, timeout=acc.timeout)
+
+
+def target_from_hostport(text: str, protocol: str, *, timeout: float = DEFAULT_TIMEOUT) -> CheckTarget:
+    """'host', 'host:port', '[v6addr]:port', '[v6addr]' or a bare IPv6 address; default port by protocol."""
+    if protocol not in PROTOCOLS:
+        raise ConfigError(f"unknown protocol '{protocol}'", hint=f"use one of {', '.join(PROTOCOLS)}")
+    s = text.strip()
+    port_text: str | None = None
+    if s.startswith("["):
+        host, sep, rest = s[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ConfigError(f"cannot read '{text}' as HOST[:PORT]", hint="write IPv6 addresses as [::1]:993")
+        port_text = rest[1:] if rest else None
+    elif s.count(":") == 1:
+        host, port_text = s.split(":")
+    else:
+        host = s   # a name, an IPv4 address or a bare IPv6 address (several colons)
+    if not host or any(c.isspace() or c in "/@[]" for c in host):
+        raise ConfigError(f"cannot read '{text}' as HOST[:PORT]", hint="for example imap.example.com:993")
+    if port_text is None:
+        port = DEFAULT_PORTS[protocol]
+    elif port_text.isdigit() and 1 <= int(port_text) <= 65535:
+        port = int(port_text)
+    else:
+        raise ConfigError(f"'{text}': the port must be a number from 1 to 65535, not '{port_text}'")
+    return CheckTarget(host=host, port=port, protocol=protocol, timeout=timeout)
+
+
+# -- output -------------------------------------------------------------------------------
+
+
+class _Fail(Exception):
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+class _Out:
+    def __init__(self, emit: Callable[[str], object], secret: str | None) -> None:
+        self._emit = emit
+        self._secret = secret
+
+    def _say(self, prefix: str, text: str) -> None:
+        if self._secret and self._secret in text:   # belt and braces: server text is printed
+            text = text.replace(self._secret, "***")
+        self._emit(prefix + text)
+
+    def ok(self, text: str) -> None:
+        self._say("ok   ", text)
+
+    def warn(self, text: str) -> None:
+        self._say("warn ", text)
+
+    def info(self, text: str) -> None:
+        self._say("info ", text)
+
+    def fail(self, code: int, text: str, cause: str, fix: str) -> _Fail:
+        self._say("FAIL ", text)
+        self._say("  likely cause: ", f"{cause}; fix: {fix}")
+        return _Fail(code)
+
+
+def _server_text(data: bytes, limit: int = 160) -> str:
+    """Printable, one-line, bounded: the server chooses these bytes."""
+    text = data.decode("utf-8", "replace")
+    text = "".join(c if c.isprintable() else "?" for c in text.strip())
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _ms(seconds: float) -> str:
+    ms = seconds * 1000
+    return f"{ms:.1f} ms" if ms < 100 else f"{ms:.0f} ms"
+
+
+# -- run --------------------------------------------------------------------------------------
+
+
+def run_check(target: CheckTarget, password: str | None, *, ports: bool = False,
+              emit: Callable[[str], object] = print) -> int:
+    """Run the steps; one line per finding through emit; the exit code of the first failure, or 0."""
+    out = _Out(emit, password)
+    check = _Check(target, out)
+    try:
+        check.run(password, ports)
+    except _Fail as f:
+        return f.code
+    finally:
+        check.close()
+    return 0
+
+
+class _Check:
+    def __init__(self, t: CheckTarget, out: _Out) -> None:
+        self.t = t
+        self.out = out
+        self.tls: ssl.SSLSocket | None = None
+        self.proto: _Imap | _Pop3 | None = None
+
+    def close(self) -> None:
+        if self.tls is not None:
+            try:
+                self.tls.close()
+            except OSError:
+                pass
+
+    def run(self, password: str | None, ports: bool) -> None:
+        t = self.t
+        addrs = self.dns()
+        if ports:
+            self.probe_ports(addrs[0])
+        raw, addr = self.tcp(addrs)
+        self.tls = self.handshake(raw, addr)
+        self.certificate(self.tls)
+        conn = _Conn(self.tls, t.timeout)
+        self.proto = proto = (_Imap if t.protocol == "imap" else _Pop3)(conn, t, self.out)
+        proto.greeting()
+        proto.capabilities()
+        logged_in = False
+        if t.username and password:
+            proto.login(t.username, password)
+            logged_in = True
+        elif t.username:
+            self.out.info(f"login not tried: no password given for {t.username}")
+        else:
+            self.out.info("login not tried: no username given")
+        proto.latency(logged_in)
+        proto.logout()
+        self.out.ok("all checks passed" + ("" if logged_in else " (without login)"))
+
+    # 1. DNS ------------------------------------------------------------------------------
+
+    def dns(self) -> list[tuple]:
+        t = self.t
+        box: dict = {}
+
+        def lookup() -> None:
+            try:
+                box["v"] = socket.getaddrinfo(t.host, t.port, type=socket.SOCK_STREAM)
+            except (OSError, UnicodeError) as exc:
+                box["e"] = exc
+
+        th = threading.Thread(target=lookup, daemon=True)
+        th.start()
+        th.join(t.timeout)
+        if th.is_alive():
+            raise self.out.fail(ConnectError.exit_code,
+                                f"DNS: no answer for '{t.host}' within {t.timeout:g} s",
+                                "the DNS server does not answer (no network, VPN or resolver problem)",
+                                "check your network and DNS settings, then the host name")
+        if "e" in box:
+            exc = box["e"]
+            why = getattr(exc, "strerror", None) or str(exc)
+            raise self.out.fail(ConnectError.exit_code, f"DNS: cannot resolve '{t.host}' ({why})",
+                                "a typo in the host name, a name that does not exist, or no DNS",
+                                "check the host name (the provider documents it, e.g. imap.example.com)")
+        infos, seen = [], set()
+        for info in box["v"]:
+            if info[4][0] not in seen:
+                seen.add(info[4][0])
+                infos.append(info)
+        shown = ", ".join(i[4][0] for i in infos[:6]) + (" ..." if len(infos) > 6 else "")
+        if _is_ip(t.host):
+            self.out.ok(f"DNS: {t.host} is an IP address, no lookup needed")
+        else:
+            self.out.ok(f"DNS: {t.host} resolves to {shown}")
+        return infos
+
+    # 2. TCP --------------------------------------------------------------------------------
+
+    def probe_ports(self, info: tuple) -> None:
+        wait = min(self.t.timeout, 3.0)
+
+        def probe(port: int) -> str:
+            try:
+                with socket.socket(info[0], info[1], info[2]) as s:
+                    s.settimeout(wait)
+                    s.connect((info[4][0], port) + tuple(info[4][2:]))
+                return "open"
+            except ConnectionRefusedError:
+                return "closed (refused)"
+            except (socket.timeout, TimeoutError):
+                return f"closed (no answer within {wait:g} s: filtered?)"
+            except OSError as exc:
+                return f"closed ({exc.strerror or exc})"
+
+        with ThreadPoolExecutor(max_workers=len(PROBE_PORTS)) as pool:
+            results = list(pool.map(probe, [p for p, _ in PROBE_PORTS]))
+        for (port, what), res in zip(PROBE_PORTS, results):
+            self.out.info(f"port {port} ({what}): {res}")
+
+    def connect(self, info: tuple, timeout: float) -> socket.socket:
+        s = socket.socket(info[0], info[1], info[2])
+        try:
+            s.settimeout(timeout)
+            s.connect(info[4])
+        except BaseException:
+            s.close()
+            raise
+        return s
+
+    def tcp(self, infos: list[tuple]) -> tuple[socket.socket, tuple]:
+        t = self.t
+        errors: list[tuple[str, OSError]] = []
+        for info in infos:
+            addr = _addr_text(info[4][0], t.port)
+            start = time.perf_counter()
+            try:
+                s = self.connect(info, t.timeout)
+            except OSError as exc:
+                errors.append((addr, exc))
+                continue
+            for where, exc in errors:   # an earlier address failed, a later one worked
+                self.out.warn(f"TCP connect to {where} failed ({_os_reason(exc, t.timeout)}), trying the next address")
+            self.out.ok(f"TCP connect to {addr} in {_ms(time.perf_counter() - start)}")
+            return s, info
+        where, exc = errors[-1]
+        why = "; ".join(f"{w}: {_os_reason(e, t.timeout)}" for w, e in errors) if len(errors) > 1 \
+            else _os_reason(exc, t.timeout)
+        code = ConnectError.exit_code
+        if all(isinstance(e, ConnectionRefusedError) for _, e in errors):
+            raise self.out.fail(code, f"TCP connect to {t.where}: {why}",
+                                f"nothing listens on port {t.port}: wrong port, or the server is down",
+                                "check the port (IMAPS is 993, POP3S 995) and that the server runs; "
+                                "--ports probes the usual ports")
+        if any(isinstance(e, (socket.timeout, TimeoutError)) for _, e in errors):
+            raise self.out.fail(code, f"TCP connect to {t.where}: {why}",
+                                "a firewall drops the connection, or it is the wrong host",
+                                "check host and port, your network/VPN and firewall; "
+                                "raise timeout if the server is just slow")
+        raise self.out.fail(code, f"TCP connect to {t.where}: {why}",
+                            "no route to the server (network down, VPN, or an address this network cannot reach)",
+                            "check your network connection, then the host name")
+
+    # 3. TLS ---------------------------------------------------------------------------------
+
+    def context(self) -> ssl.SSLContext:
+        t = self.t
+        # the very function mailsync uses, so the check verifies exactly as a sync does
+        shim = SimpleNamespace(name="check", ca_file=t.ca_file, fingerprint=t.fingerprint)
+        try:
+            return tls_context(shim)  # type: ignore[arg-type]
+        except ConfigError:
+            raise self.out.fail(ConfigError.exit_code, f"TLS: cannot load ca_file {t.ca_file}",
+                                "the file is missing, unreadable or not a PEM certificate",
+                                "point ca_file to the CA certificate in PEM form "
+                                "(-----BEGIN CERTIFICATE-----)") from None
+
+    def handshake(self, raw: socket.socket, info: tuple) -> ssl.SSLSocket:
+        t = self.t
+        ctx = self.context()
+        start = time.perf_counter()
+        try:
+            tls = ctx.wrap_socket(raw, server_hostname=t.host)
+        except ssl.SSLCertVerificationError as exc:
+            raw.close()
+            self.certificate_refused(exc, info)
+        except (socket.timeout, TimeoutError):
+            raw.close()
+            raise self.out.fail(ConnectError.exit_code,
+                                f"TLS handshake with {t.where}: no answer within {t.timeout:g} s",
+                                "the server accepted the connection but never answered TLS: wrong port "
+                                "(a service that waits for the client), or a proxy/firewall in the way",
+                                "check the port (IMAPS 993, POP3S 995); raise timeout for very slow servers") from None
+        except (ssl.SSLError, OSError) as exc:
+            raw.close()
+            self.handshake_failed(exc, info)
+        took = time.perf_counter() - start
+        how = []
+        if t.ca_file is not None:
+            how.append(f"certificate verified with ca_file {t.ca_file}")
+        elif not t.fingerprint:
+            how.append("certificate verified with the system CA store")
+        if t.fingerprint:
+            how.append("pinned fingerprint checked below")
+        self.out.ok(f"TLS handshake in {_ms(took)}: {tls.version()}, {tls.cipher()[0]}; {', '.join(how)}")
+        return tls
+
+    def handshake_failed(self, exc: BaseException, info: tuple) -> NoReturn:
+        t = self.t
+        reason = str(getattr(exc, "reason", None) or getattr(exc, "strerror", None) or exc)
+        code = TLSError.exit_code
+        up = reason.upper()
+        # a TLS alert or version refusal: the server does speak TLS, no need to look for plaintext
+        if "VERSION" in up and "WRONG" not in up or "UNSUPPORTED_PROTOCOL" in up or "NO_PROTOCOLS" in up:
+            raise self.out.fail(code, f"TLS handshake with {t.where} failed ({reason})",
+                                "the server offers only TLS older than 1.2, which mailsync refuses",
+                                "ask the server admin to enable TLS 1.2 or 1.3")
+        if "HANDSHAKE_FAILURE" in up or "NO_SHARED_CIPHER" in up or "INSUFFICIENT_SECURITY" in up:
+            raise self.out.fail(code, f"TLS handshake with {t.where} failed ({reason})",
+                                "no cipher or key type in common (a very old or very strict server)",
+                                "ask the server admin; check that the port is IMAPS/POP3S")
+        if "ALERT" in up:
+            raise self.out.fail(code, f"TLS handshake with {t.where} failed ({reason})",
+                                "the server rejected the handshake",
+                                "check the port (IMAPS 993, POP3S 995); if it is right, ask the server admin")
+        first = self.peek_plaintext(info)
+        what = _plaintext_kind(first)
+        if what:
+            raise self.out.fail(code, f"TLS handshake with {t.where} failed ({reason}): "
+                                      f"the server greets in plaintext: {_server_text(first, 80)!r}",
+                                f"this is a plaintext port (143/110), {what}",
+                                "use 993 (IMAPS) or 995 (POP3S): mailsync needs implicit TLS "
+                                "and does not use STARTTLS")
+        if first:
+            raise self.out.fail(code, f"TLS handshake with {t.where} failed ({reason}); without TLS the "
+                                      f"server says {_server_text(first, 80)!r}",
+                                "this port runs another service, not IMAPS/POP3S",
+                                "check the port (IMAPS 993, POP3S 995)")
+        raise self.out.fail(code, f"TLS handshake with {t.where} failed ({reason})",
+                            "not a TLS port, or the server closed the connection during the handshake",
+                            "check the port (IMAPS 993, POP3S 995); if it is right, ask the server admin")
+
+    def peek_plaintext(self, info: tuple) -> bytes:
+        """The first bytes the server sends without TLS (IMAP/POP3/SMTP greet first), or b''."""
+        try:
+            with self.connect(info, min(self.t.timeout, 5.0)) as s:
+                data = b""
+                while b"\n" not in data and len(data) < 512:
+                    chunk = s.recv(512)
+                    if not chunk:
+                        break
+                    data += chunk
+                return data
+        except OSError:
+            return b""
+
+    def fetch_certificate(self, info: tuple) -> bytes | None:
+        """The server's certificate, fetched without verification (to explain why it was refused)."""
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        try:
+            with self.connect(info, self.t.timeout) as raw:
+                with ctx.wrap_socket(raw, server_hostname=self.t.host) as s:
+                    return s.getpeercert(binary_form=True)
+        except (OSError, ssl.SSLError):
+            return None
+
+    def certificate_refused(self, exc: ssl.SSLCertVerificationError, info: tuple) -> NoReturn:
+        t = self.t
+        code = TLSError.exit_code
+        why = exc.verify_message or str(exc)
+        der = self.fetch_certificate(info)
+        cert = _Cert.from_der(der) if der else None
+        if cert:
+            self.out.info(f"the certificate {t.where} shows (fetched without verification):")
+            cert.show(self.out, t.host)
+        pin = f'fingerprint = "sha256:{pretty_fingerprint(cert.fingerprint)}"' if cert else 'fingerprint = "sha256:..."'
+        head = f"TLS: certificate of {t.where} not accepted ({why})"
+        vc = exc.verify_code
+        if vc == _EXPIRED:
+            when = f" on {cert.not_after:%Y-%m-%d}" if cert and cert.not_after else ""
+            raise self.out.fail(code, head, f"the certificate expired{when}",
+                                "the server admin must renew it (also check this computer's clock: "
+                                f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC); until then, only if you have "
+                                f"checked the fingerprint with the provider, you can pin it: {pin}")
+        if vc == _NOT_YET_VALID:
+            when = f" (valid from {cert.not_before:%Y-%m-%d %H:%M} UTC)" if cert and cert.not_before else ""
+            raise self.out.fail(code, head, f"the certificate is not valid yet{when}",
+                                f"check this computer's clock and time zone "
+                                f"(now {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC)")
+        if vc in _NAME_MISMATCH:
+            names = cert.names if cert else []
+            if names:
+                fix = (f"use a host name the certificate lists: {', '.join(names)} "
+                       f"(e.g. host = \"{_example_host(names)}\")")
+            else:
+                fix = "use the host name the provider documents"
+            raise self.out.fail(code, head, f"the certificate is not issued for '{t.host}'"
+                                + (f" but for {', '.join(names)}" if names else ""),
+                                fix + f"; if this is the right server under another name, pin it: {pin}")
+        if vc in (_SELF_SIGNED, _SELF_SIGNED_IN_CHAIN) + _UNKNOWN_ISSUER:
+            self_signed = vc == _SELF_SIGNED or (cert is not None and cert.self_signed)
+            if self_signed:
+                cause = "the certificate is self-signed"
+            else:
+                issuer = f" ({cert.issuer})" if cert else ""
+                cause = f"the certificate's issuer{issuer} is a CA this computer does not trust"
+            if t.ca_file is not None:
+                cause += f" and it is not the CA in ca_file {t.ca_file}"
+                ca_fix = "set ca_file to the certificate of the CA that issued it"
+            elif self_signed:
+                ca_fix = "get the certificate from the server admin and set ca_file = \"/path/to/cert.pem\""
+            else:
+                ca_fix = "set ca_file = \"/path/to/ca.pem\" (the issuing CA's certificate, from the admin)"
+            raise self.out.fail(code, head, cause,
+                                f"{ca_fix}, or, if you trust this certificate (compare the fingerprint "
+                                f"with the provider first), pin it: {pin}")
+        raise self.out.fail(code, head, f"the certificate failed verification: {why}",
+                            f"ask the server admin; if you trust this certificate, pin it: {pin}")
+
+    # 4. certificate --------------------------------------------------------------------------
+
+    def certificate(self, tls: ssl.SSLSocket) -> None:
+        t = self.t
+        der = tls.getpeercert(binary_form=True)
+        if not der:
+            raise self.out.fail(TLSError.exit_code, f"TLS: {t.where} showed no certificate",
+                                "a broken or anonymous TLS server", "ask the server admin")
+        cert = _Cert.from_der(der)
+        if t.fingerprint and cert.fingerprint != t.fingerprint:
+            cert.show(self.out, t.host)
+            raise self.out.fail(TLSError.exit_code,
+                                f"TLS: certificate of {t.where} does not match the pinned fingerprint: server shows "
+                                f"SHA-256 {pretty_fingerprint(cert.fingerprint)}, pinned "
+                                f"{pretty_fingerprint(t.fingerprint)}",
+                                "the certificate was renewed or replaced, or someone intercepts the connection",
+                                "confirm the new fingerprint with the provider, then set "
+                                f'fingerprint = "sha256:{pretty_fingerprint(cert.fingerprint)}"')
+        if t.fingerprint:
+            self.out.ok("certificate matches the pinned fingerprint")
+        cert.show(self.out, t.host, verified=True)
+
+
+# -- certificates ---------------------------------------------------------------------------------
+
+_NAME_KEYS = {"commonName": "CN", "organizationName": "O", "organizationalUnitName": "OU", "countryName": "C",
+              "localityName": "L", "stateOrProvinceName": "ST", "emailAddress": "emailAddress",
+              "domainComponent": "DC"}
+
+
+@dataclass
+class _Cert:
+    fingerprint: str                  # upper hex
+    subject: str = "?"
+    issuer: str = "?"
+    common_names: tuple[str, ...] = ()
+    sans: tuple[tuple[str, str], ...] = ()
+    not_before: datetime | None = None
+    not_after: datetime | None = None
+    self_signed: bool = False
+
+    @classmethod
+    def from_der(cls, der: bytes) -> "_Cert":
+        c = cls(fingerprint=fingerprint_hex(der))
+        d = _decode_der(der)
+        if not d:
+            return c
+        c.subject, c.issuer = _dn(d.get("subject", ())), _dn(d.get("issuer", ()))
+        c.self_signed = d.get("subject") == d.get("issuer")
+        c.common_names = tuple(v for rdn in d.get("subject", ()) for k, v in rdn if k == "commonName")
+        c.sans = tuple((k, v.strip()) for k, v in d.get("subjectAltName", ()))
+        for attr, key in (("not_before", "notBefore"), ("not_after", "notAfter")):
+            try:
+                setattr(c, attr, datetime.fromtimestamp(ssl.cert_time_to_seconds(d[key]), timezone.utc))
+            except (KeyError, ValueError):
+                pass
+        return c
+
+    @property
+    def names(self) -> list[str]:
+        """The names the certificate is valid for (SANs; the CN only when there are none)."""
+        got = [v for k, v in self.sans if k in ("DNS", "IP Address")]
+        return got or list(self.common_names)
+
+    @property
+    def days_left(self) -> int | None:
+        if self.not_after is None:
+            return None
+        return int((self.not_after - datetime.now(timezone.utc)).total_seconds() // 86400)
+
+    def matches(self, host: str) -> bool | None:
+        if not self.sans and not self.common_names:
+            return None
+        try:
+            want = ipaddress.ip_address(host.strip("[]"))
+        except ValueError:
+            want = None
+        for kind, value in self.sans:
+            if want is not None and kind == "IP Address":
+                try:
+                    if ipaddress.ip_address(value) == want:
+                        return True
+                except ValueError:
+                    pass
+            elif want is None and kind == "DNS" and _dns_match(value, host):
+                return True
+        if not any(k == "DNS" for k, _ in self.sans) and want is None:
+            return any(_dns_match(cn, host) for cn in self.common_names)
+        return False
+
+    def show(self, out: _Out, host: str, verified: bool = False) -> None:
+        line = out.ok if verified else out.info
+        line(f"certificate subject: {self.subject}")
+        out.info(f"  issuer: {self.issuer}" + (" (self-signed)" if self.self_signed else ""))
+        names = ", ".join(f"{'IP' if k == 'IP Address' else k}:{v}" for k, v in self.sans) or "none"
+        out.info(f"  names (subjectAltName): {names}")
+        if not verified and self.matches(host) is False:
+            out.info(f"  '{host}' is not among these names")
+        elif verified and self.matches(host) is False:
+            out.warn(f"  '{host}' is not among these names (accepted because of the pinned fingerprint)")
+        if self.not_before and self.not_after:
+            left = self.days_left
+            valid = f"valid {self.not_before:%Y-%m-%d} to {self.not_after:%Y-%m-%d %H:%M} UTC"
+            if left is not None and left < 0:
+                (out.warn if verified else out.info)(f"  {valid}: EXPIRED {-left} days ago")
+            elif left is not None and left < EXPIRY_WARN_DAYS:
+                out.warn(f"  {valid}: expires in {left} days; the server admin should renew it soon")
+            else:
+                (out.ok if verified else out.info)(f"  {valid} ({left} days left)")
+        out.info(f"  SHA-256 fingerprint: {pretty_fingerprint(self.fingerprint)}")
+
+
+def _decode_der(der: bytes) -> dict | None:
+    """Decode a certificate into getpeercert()'s dict form without verifying it. Uses the ssl
+    module's own decoder (private, but present since Python 2.7); None if unavailable."""
+    decode = getattr(getattr(ssl, "_ssl", None), "_test_decode_cert", None)
+    if decode is None:
+        return None
+    try:
+        with tempfile.NamedTemporaryFile("w", suffix=".pem", prefix="mailsync-check-") as f:
+            f.write(ssl.DER_cert_to_PEM_cert(der))
+            f.flush()
+            return decode(f.name)
+    except (OSError, ValueError, ssl.SSLError):
+        return None
+
+
+def _dn(rdns) -> str:
+    return ", ".join(f"{_NAME_KEYS.get(k, k)}={v}" for rdn in rdns for k, v in rdn) or "(empty)"
+
+
+def _dns_match(pattern: str, host: str) -> bool:
+    p, h = pattern.lower().rstrip("."), host.lower().rstrip(".")
+    if p.startswith("*."):
+        return "." in h and h.split(".", 1)[1] == p[2:] and h.split(".", 1)[0] != ""
+    return p == h
+
+
+def _example_host(names: list[str]) -> str:
+    for n in names:
+        if not n.startswith("*."):
+            return n
+    return "mail." + names[0][2:]
+
+
+# -- protocols ---------------------------------------------------------------------------------
+
+
+class _Conn:
+    """Line-oriented reads with a deadline per operation (so a trickling server cannot hang us)."""
+
+    def __init__(self, sock: ssl.SSLSocket, timeout: float) -> None:
+        self.sock = sock
+        self.timeout = timeout
+        self.buf = b""
+
+    def _fill(self, deadline: float) -> None:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise socket.timeout("timed out")
+        self.sock.settimeout(left)
+        data = self.sock.recv(65536)
+        if not data:
+            raise EOFError("the server closed the connection")
+        self.buf += data
+
+    def readline(self, deadline: float | None = None, limit: int = 1 << 20) -> bytes:
+        deadline = deadline or time.monotonic() + self.timeout
+        while b"\n" not in self.buf:
+            if len(self.buf) > limit:
+                raise _Garbage(self.buf[:80])
+            self._fill(deadline)
+        line, _, self.buf = self.buf.partition(b"\n")
+        return line.rstrip(b"\r")
+
+    def read_exact(self, n: int, deadline: float) -> bytes:
+        while len(self.buf) < n:
+            self._fill(deadline)
+        data, self.buf = self.buf[:n], self.buf[n:]
+        return data
+
+    def send(self, data: bytes) -> None:
+        self.sock.settimeout(self.timeout)
+        self.sock.sendall(data)
+
+
+class _Garbage(Exception):
+    pass
+
+
+_LOST = (OSError, EOFError, ssl.SSLError)
+
+
+def _is_timeout(exc: BaseException) -> bool:
+    return isinstance(exc, (socket.timeout, TimeoutError))
+
+
+class _Proto:
+    name = ""
+    other = ""
+
+    def __init__(self, conn: _Conn, t: CheckTarget, out: _Out) -> None:
+        self.conn, self.t, self.out = conn, t, out
+        self.caps: list[str] = []
+
+    def lost(self, step: str, exc: BaseException) -> _Fail:
+        t = self.t
+        if _is_timeout(exc):
+            return self.out.fail(ConnectionLost.exit_code, f"{step}: no answer from {t.where} within {t.timeout:g} s",
+                                 "the server stalls (overloaded) or the network drops packets",
+                                 "try again; raise timeout for a slow server")
+        if isinstance(exc, _Garbage):
+            return self.out.fail(ConnectionLost.exit_code, f"{step}: {t.where} sent no line breaks",
+                                 f"the server accepted TLS but does not speak {self.name}: wrong protocol on this port?",
+                                 "check the port (IMAPS 993, POP3S 995)")
+        return self.out.fail(ConnectionLost.exit_code, f"{step}: connection to {t.where} lost ({_lost_reason(exc)})",
+                             "the server closed the connection (it may limit connections, or crashed)",
+                             "try again; if it persists, ask the server admin")
+
+    def greeting(self) -> None:
+        t = self.t
+        code = ConnectionLost.exit_code
+        try:
+            line = self.conn.readline(limit=4096)
+        except (_Garbage, *_LOST) as exc:
+            if _is_timeout(exc) or isinstance(exc, _Garbage):
+                what = f"no greeting within {t.timeout:g} s" if _is_timeout(exc) else "no greeting, only unreadable data"
+                raise self.out.fail(code, f"greeting: {what} from {t.where}",
+                                    f"the server accepted TLS but did not greet: wrong protocol on this port? "
+                                    f"({self.name} servers greet at once)",
+                                    "check the port (IMAPS 993, POP3S 995); an HTTPS port waits silently") from None
+            raise self.out.fail(code, f"greeting: {t.where} closed the connection without greeting "
+                                      f"({_lost_reason(exc)})",
+                                "the server refuses this client (connection limit, blocklist) or is not "
+                                f"{self.name}", "try again later; check the port") from None
+        self.check_greeting(line)
+
+    def check_greeting(self, line: bytes) -> None:
+        raise NotImplementedError
+
+    def wrong_protocol(self, line: bytes) -> _Fail:
+        t = self.t
+        other_port = {"IMAP": 993, "POP3": 995}[self.other]
+        flag = "drop --pop3" if self.other == "IMAP" else "use --pop3"
+        return self.out.fail(ConnectionLost.exit_code,
+                             f"greeting: {t.where} is a {self.other} server, not {self.name}: {_server_text(line, 80)!r}",
+                             f"the port is for {self.other} (usually {other_port})",
+                             f"set protocol = \"{self.other.lower()}\" (on the command line: {flag}), "
+                             f"or use the {self.name} port ({DEFAULT_PORTS[self.name.lower()]})")
+
+    def garbage(self, line: bytes) -> _Fail:
+        return self.out.fail(ConnectionLost.exit_code,
+                             f"greeting: {self.t.where} answered {_server_text(line, 80)!r}, not a {self.name} greeting",
+                             "the server accepted TLS but did not greet: wrong protocol on this port?",
+                             "check the port (IMAPS 993, POP3S 995)")
+
+    SEP = " "
+    SHOWN: tuple[str, ...] = ()
+    MISSING: dict[str, tuple[str, str]] = {}     # capability -> (warn|info, what its absence means)
+
+    def show_caps(self, label: str, before_login: bool) -> None:
+        self.out.ok(f"{label}: {self.SEP.join(self.caps) or '(none)'}")
+        have = {c.upper() for c in self.caps}
+        parts = [f"{name} {'yes' if name in have else 'no'}" for name in self.SHOWN]
+        note = " (before login; servers often list more after login)" if before_login else ""
+        self.out.info(", ".join(parts) + note)
+        if not before_login:
+            for name, (level, why) in self.MISSING.items():
+                if name not in have:
+                    (self.out.warn if level == "warn" else self.out.info)(why)
+
+
+class _Imap(_Proto):
+    name, other = "IMAP", "POP3"
+    SHOWN = ("CONDSTORE", "QRESYNC", "UIDPLUS")
+    MISSING = {
+        "CONDSTORE": ("info", "no CONDSTORE: mailsync works, but fetches every message's flags on each run"),
+        "QRESYNC": ("info", "no QRESYNC: mailsync lists all UIDs to find deletions (slower on big folders)"),
+        "UIDPLUS": ("info", "no UIDPLUS: mailsync finds uploaded messages by Message-ID and expunges only "
+                            "when no other message is marked \\Deleted"),
+    }
+
+    def __init__(self, *a) -> None:
+        super().__init__(*a)
+        self.n = 0
+
+    def check_greeting(self, line: bytes) -> None:
+        up = line[:12].upper()
+        if up.startswith(b"* OK"):
+            self.out.ok(f"greeting: {_server_text(line)}")
+        elif up.startswith(b"* PREAUTH"):
+            self.out.ok(f"greeting (already authenticated): {_server_text(line)}")
+        elif up.startswith(b"* BYE"):
+            raise self.out.fail(ConnectionLost.exit_code, f"greeting: {self.t.where} refuses: {_server_text(line)}",
+                                "the server is busy, limits connections, or blocks this address",
+                                "try again later; if it persists, ask the server admin")
+        elif up.startswith((b"+OK", b"-ERR")):
+            raise self.wrong_protocol(line)
+        else:
+            raise self.garbage(line)
+
+    def command(self, step: str, name: str, *args: bytes | "_Literal") -> tuple[str, str, list[bytes]]:
+        """Send a command; (status OK/NO/BAD, text of the tagged line, untagged lines)."""
+        self.n += 1
+        tag = b"c%d" % self.n
+        try:
+            deadline = time.monotonic() + self.t.timeout
+            line = tag + b" " + name.encode()
+            untagged: list[bytes] = []
+            for a in args:
+                if isinstance(a, _Literal):
+                    self.conn.send(line + b" {%d}\r\n" % len(a.data))
+                    got = self._until(tag, deadline, untagged, continuation=True)
+                    if got is not None:        # refused before the literal was sent
+                        return got
+                    line = a.data
+                else:
+                    line += b" " + a
+            self.conn.send(line + b"\r\n")
+            return self._until(tag, deadline, untagged)
+        except (_Garbage, *_LOST) as exc:
+            raise self.lost(step, exc) from None
+
+    def _until(self, tag: bytes, deadline: float, untagged: list[bytes], continuation: bool = False):
+        while True:
+            line = self.conn.readline(deadline)
+            if continuation and line.startswith(b"+"):
+                return None
+            while re.search(rb"\{(\d+)\+?\}$", line):    # a literal inside a response: keep it in the line
+                n = int(re.search(rb"\{(\d+)\+?\}$", line).group(1))
+                line = line + b"\r\n" + self.conn.read_exact(n, deadline) + self.conn.readline(deadline)
+            if line.startswith(tag + b" "):
+                status, _, text = line[len(tag) + 1:].partition(b" ")
+                return status.decode("ascii", "replace").upper(), _server_text(text), untagged
+            if line.startswith(b"*"):
+                untagged.append(line)
+
+    def _capability(self, step: str) -> list[str]:
+        status, text, untagged = self.command(step, "CAPABILITY")
+        if status != "OK":
+            raise self.out.fail(ConnectionLost.exit_code, f"{step}: CAPABILITY answered {status} {text}",
+                                "the server does not speak IMAP properly", "check the port; ask the server admin")
+        caps: list[str] = []
+        for u in untagged:
+            if u[:13].upper() == b"* CAPABILITY ":
+                caps += u[13:].decode("ascii", "replace").split()
+        return caps
+
+    def capabilities(self) -> None:
+        self.caps = self._capability("capabilities")
+        self.show_caps("capabilities", before_login=True)
+
+    def login(self, username: str, password: str) -> None:
+        code = AuthError.exit_code
+        if "LOGINDISABLED" in {c.upper() for c in self.caps}:
+            raise self.out.fail(code, f"login: {self.t.where} advertises LOGINDISABLED",
+                                "the server does not allow password login (on this port)",
+                                "ask the provider how to enable IMAP access")
+        status, text, _ = self.command("login", "LOGIN", _astring(username), _astring(password))
+        if status != "OK":
+            if "[UNAVAILABLE]" in text.upper():
+                cause = "the server's login service is temporarily unavailable"
+                fix = "try again later"
+            else:
+                cause = ("wrong username or password, or IMAP access disabled at the provider "
+                         "(some need an app password or IMAP enabled in settings)")
+                fix = "check username and password with a mail client or webmail, create an app password, " \
+                      "enable IMAP in the provider's settings"
+            raise self.out.fail(code, f"login as {username} at {self.t.where} failed: {status} {text}", cause, fix)
+        self.out.ok(f"login as {username}: {text}")
+        self.caps = self._capability("capabilities after login")
+        self.show_caps("capabilities after login", before_login=False)
+
+    def latency(self, logged_in: bool) -> None:
+        times = []
+        for _ in range(NOOPS):
+            start = time.perf_counter()
+            status, text, _ = self.command("latency", "NOOP")
+            times.append(time.perf_counter() - start)
+            if status != "OK":
+                raise self.out.fail(ConnectionLost.exit_code, f"latency: NOOP answered {status} {text}",
+                                    "the server does not speak IMAP properly", "ask the server admin")
+        _show_latency(self.out, "NOOP", times)
+
+    def logout(self) -> None:
+        status, text, _ = self.command("logout", "LOGOUT")
+        if status == "OK":
+            self.out.ok("logout")
+        else:
+            self.out.warn(f"logout answered {status} {text}")
+
+
+class _Literal:
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def __repr__(self) -> str:
+        return "_Literal(...)"   # may hold the password
+
+
+def _astring(s: str) -> bytes | _Literal:
+    """A quoted string where IMAP allows one (7-bit, no CR/LF/NUL), else a literal (UTF-8 bytes)."""
+    if all(32 <= ord(c) < 127 for c in s):
+        return b'"' + s.replace("\\", "\\\\").replace('"', '\\"').encode("ascii") + b'"'
+    return _Literal(s.encode("utf-8"))
+
+
+class _Pop3(_Proto):
+    name, other = "POP3", "IMAP"
+    SEP = ", "
+    SHOWN = ("UIDL", "TOP", "USER")
+    MISSING = {"UIDL": ("warn", "no UIDL: the server cannot name messages across sessions, so mailsync "
+                                "cannot tell which ones it already has")}
+
+    def check_greeting(self, line: bytes) -> None:
+        up = line[:6].upper()
+        if up.startswith(b"+OK"):
+            self.out.ok(f"greeting: {_server_text(line)}")
+        elif up.startswith(b"-ERR"):
+            raise self.out.fail(ConnectionLost.exit_code, f"greeting: {self.t.where} refuses: {_server_text(line)}",
+                                "the server is busy, limits connections, or blocks this address",
+                                "try again later; if it persists, ask the server admin")
+        elif up.startswith(b"* "):
+            raise self.wrong_protocol(line)
+        else:
+            raise self.garbage(line)
+
+    def command(self, step: str, line: bytes, multiline: bool = False) -> tuple[bool, str, list[bytes]]:
+        try:
+            deadline = time.monotonic() + self.t.timeout
+            self.conn.send(line + b"\r\n")
+            first = self.conn.readline(deadline)
+            ok = first.startswith(b"+OK")
+            if not ok and not first.startswith(b"-ERR"):
+                raise self.out.fail(ConnectionLost.exit_code, f"{step}: unexpected answer {_server_text(first, 80)!r}",
+                                    "the server does not speak POP3 properly", "check the port; ask the server admin")
+            body: list[bytes] = []
+            if ok and multiline:
+                while True:
+                    got = self.conn.readline(deadline)
+                    if got == b".":
+                        break
+                    body.append(got[1:] if got.startswith(b"..") else got)
+            return ok, _server_text(first.partition(b" ")[2]), body
+        except (_Garbage, *_LOST) as exc:
+            raise self.lost(step, exc) from None
+
+    def capabilities(self) -> None:
+        ok, text, body = self.command("capabilities", b"CAPA", multiline=True)
+        if not ok:
+            self.out.warn(f"the server does not answer CAPA ({text}): cannot tell whether it has UIDL")
+            return
+        self.caps = [b.decode("ascii", "replace").strip() for b in body if b.strip()]
+        self.show_caps("capabilities", before_login=False)
+
+    def login(self, username: str, password: str) -> None:
+        code = AuthError.exit_code
+        if any(c in username + password for c in "\r\n\0"):
+            raise self.out.fail(ConfigError.exit_code, "login: the username or password contains a line break",
+                                "a copy-and-paste error", "remove the line break")
+        ok, text, _ = self.command("login", b"USER " + username.encode("utf-8"))
+        if ok:
+            ok, text, _ = self.command("login", b"PASS " + password.encode("utf-8"))
+        if not ok:
+            raise self.out.fail(code, f"login as {username} at {self.t.where} failed: -ERR {text}",
+                                "wrong username or password, or POP3 access disabled at the provider "
+                                "(some need an app password or POP enabled in settings)",
+                                "check username and password with a mail client or webmail, create an app "
+                                "password, enable POP3 in the provider's settings")
+        self.out.ok(f"login as {username}: {text}")
+        ok, text, _ = self.command("login", b"STAT")
+        if ok:
+            parts = text.split()
+            if len(parts) >= 2 and parts[0].isdigit() and parts[1].isdigit():
+                self.out.info(f"mailbox: {parts[0]} messages, {int(parts[1]):,} bytes")
+
+    def latency(self, logged_in: bool) -> None:
+        # NOOP exists only after login (TRANSACTION state); before it, CAPA is the cheapest round trip
+        cmd, multi = (b"NOOP", False) if logged_in else (b"CAPA", True)
+        times = []
+        for _ in range(NOOPS):
+            start = time.perf_counter()
+            ok, text, _ = self.command("latency", cmd, multiline=multi)
+            times.append(time.perf_counter() - start)
+            if not ok:
+                raise self.out.fail(ConnectionLost.exit_code, f"latency: {cmd.decode()} answered -ERR {text}",
+                                    "the server does not speak POP3 properly", "ask the server admin")
+        _show_latency(self.out, cmd.decode(), times)
+
+    def logout(self) -> None:
+        ok, text, _ = self.command("logout", b"QUIT")
+        if ok:
+            self.out.ok("logout")
+        else:
+            self.out.warn(f"QUIT answered -ERR {text}")
+
+
+def _show_latency(out: _Out, cmd: str, times: list[float]) -> None:
+    med = statistics.median(times)
+    line = f"round trip ({len(times)} x {cmd}): min {_ms(min(times))}, median {_ms(med)}"
+    if med > 1.0:
+        out.warn(line + ": slow; a sync of many small messages will take long")
+    else:
+        out.ok(line)
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
+
+
+def _addr_text(ip: str, port: int) -> str:
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+def _os_reason(exc: OSError, timeout: float) -> str:
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if _is_timeout(exc):
+        return f"no answer within {timeout:g} s (timed out)"
+    return (exc.strerror or str(exc) or type(exc).__name__).lower()
+
+
+def _lost_reason(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLError):
+        return str(getattr(exc, "reason", None) or exc)
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc) or type(exc).__name__
+    return str(exc) or type(exc).__name__
+
+
+def _plaintext_kind(first: bytes) -> str:
+    up = first[:16].upper()
+    if up.startswith((b"* OK", b"* PREAUTH", b"* BYE")):
+        return "it greets like plaintext IMAP"
+    if up.startswith((b"+OK", b"-ERR")):
+        return "it greets like plaintext POP3"
+    return ""
+
+
+__all__ = ["CheckTarget", "run_check", "target_from_account", "target_from_hostport"]
