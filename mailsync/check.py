@@ -28,10 +28,10 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
-from typing import NoReturn
+from typing import ClassVar, NoReturn
 
 from mailsync.config import DEFAULT_PORTS, PROTOCOLS
 from mailsync.errors import AuthError, ConfigError, ConnectError, ConnectionLost, TLSError
@@ -106,13 +106,10 @@ class _Fail(Exception):
 
 
 class _Out:
-    def __init__(self, emit: Callable[[str], object], secret: str | None) -> None:
+    def __init__(self, emit: Callable[[str], object]) -> None:
         self._emit = emit
-        self._secret = secret
 
     def _say(self, prefix: str, text: str) -> None:
-        if self._secret and self._secret in text:   # belt and braces: server text is printed
-            text = text.replace(self._secret, "***")
         self._emit(prefix + text)
 
     def ok(self, text: str) -> None:
@@ -130,9 +127,13 @@ class _Out:
         return _Fail(code)
 
 
-def _server_text(data: bytes, limit: int = 160) -> str:
-    """Printable, one-line, bounded: the server chooses these bytes."""
+def _server_text(data: bytes, limit: int = 160, secret: str | None = None) -> str:
+    """Printable, one-line, bounded: the server chooses these bytes. A server that echoes the
+    command it got (some do, in BAD answers) would echo the password: that is masked."""
     text = data.decode("utf-8", "replace")
+    if secret:
+        for form in (secret, secret.replace("\\", "\\\\").replace('"', '\\"')):
+            text = text.replace(form, "***")
     text = "".join(c if c.isprintable() else "?" for c in text.strip())
     return text if len(text) <= limit else text[:limit] + "..."
 
@@ -148,7 +149,7 @@ def _ms(seconds: float) -> str:
 def run_check(target: CheckTarget, password: str | None, *, ports: bool = False,
               emit: Callable[[str], object] = print) -> int:
     """Run the steps; one line per finding through emit; the exit code of the first failure, or 0."""
-    out = _Out(emit, password)
+    out = _Out(emit)
     check = _Check(target, out)
     try:
         check.run(password, ports)
@@ -164,7 +165,6 @@ class _Check:
         self.t = t
         self.out = out
         self.tls: ssl.SSLSocket | None = None
-        self.proto: _Imap | _Pop3 | None = None
 
     def close(self) -> None:
         if self.tls is not None:
@@ -182,7 +182,7 @@ class _Check:
         self.tls = self.handshake(raw, addr)
         self.certificate(self.tls)
         conn = _Conn(self.tls, t.timeout)
-        self.proto = proto = (_Imap if t.protocol == "imap" else _Pop3)(conn, t, self.out)
+        proto = (_Imap if t.protocol == "imap" else _Pop3)(conn, t, self.out)
         proto.greeting()
         proto.capabilities()
         logged_in = False
@@ -248,7 +248,7 @@ class _Check:
                 return "open"
             except ConnectionRefusedError:
                 return "closed (refused)"
-            except (socket.timeout, TimeoutError):
+            except TimeoutError:
                 return f"closed (no answer within {wait:g} s: filtered?)"
             except OSError as exc:
                 return f"closed ({exc.strerror or exc})"
@@ -280,7 +280,8 @@ class _Check:
                 errors.append((addr, exc))
                 continue
             for where, exc in errors:   # an earlier address failed, a later one worked
-                self.out.warn(f"TCP connect to {where} failed ({_os_reason(exc, t.timeout)}), trying the next address")
+                self.out.warn(f"TCP connect to {where} failed ({_os_reason(exc, t.timeout)}), "
+                              "trying the next address")
             self.out.ok(f"TCP connect to {addr} in {_ms(time.perf_counter() - start)}")
             return s, info
         where, exc = errors[-1]
@@ -292,7 +293,7 @@ class _Check:
                                 f"nothing listens on port {t.port}: wrong port, or the server is down",
                                 "check the port (IMAPS is 993, POP3S 995) and that the server runs; "
                                 "--ports probes the usual ports")
-        if any(isinstance(e, (socket.timeout, TimeoutError)) for _, e in errors):
+        if any(isinstance(e, TimeoutError) for _, e in errors):
             raise self.out.fail(code, f"TCP connect to {t.where}: {why}",
                                 "a firewall drops the connection, or it is the wrong host",
                                 "check host and port, your network/VPN and firewall; "
@@ -317,20 +318,25 @@ class _Check:
 
     def handshake(self, raw: socket.socket, info: tuple) -> ssl.SSLSocket:
         t = self.t
-        ctx = self.context()
+        try:
+            ctx = self.context()
+        except _Fail:
+            raw.close()
+            raise
         start = time.perf_counter()
         try:
             tls = ctx.wrap_socket(raw, server_hostname=t.host)
         except ssl.SSLCertVerificationError as exc:
             raw.close()
             self.certificate_refused(exc, info)
-        except (socket.timeout, TimeoutError):
+        except TimeoutError:
             raw.close()
             raise self.out.fail(ConnectError.exit_code,
                                 f"TLS handshake with {t.where}: no answer within {t.timeout:g} s",
                                 "the server accepted the connection but never answered TLS: wrong port "
                                 "(a service that waits for the client), or a proxy/firewall in the way",
-                                "check the port (IMAPS 993, POP3S 995); raise timeout for very slow servers") from None
+                                "check the port (IMAPS 993, POP3S 995); "
+                                "raise timeout for very slow servers") from None
         except (ssl.SSLError, OSError) as exc:
             raw.close()
             self.handshake_failed(exc, info)
@@ -400,9 +406,9 @@ class _Check:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
         try:
-            with self.connect(info, self.t.timeout) as raw:
-                with ctx.wrap_socket(raw, server_hostname=self.t.host) as s:
-                    return s.getpeercert(binary_form=True)
+            with self.connect(info, self.t.timeout) as raw, \
+                    ctx.wrap_socket(raw, server_hostname=self.t.host) as s:
+                return s.getpeercert(binary_form=True)
         except (OSError, ssl.SSLError):
             return None
 
@@ -415,20 +421,20 @@ class _Check:
         if cert:
             self.out.info(f"the certificate {t.where} shows (fetched without verification):")
             cert.show(self.out, t.host)
-        pin = f'fingerprint = "sha256:{pretty_fingerprint(cert.fingerprint)}"' if cert else 'fingerprint = "sha256:..."'
+        pin = 'fingerprint = "sha256:' + (pretty_fingerprint(cert.fingerprint) if cert else "...") + '"'
         head = f"TLS: certificate of {t.where} not accepted ({why})"
         vc = exc.verify_code
         if vc == _EXPIRED:
             when = f" on {cert.not_after:%Y-%m-%d}" if cert and cert.not_after else ""
             raise self.out.fail(code, head, f"the certificate expired{when}",
                                 "the server admin must renew it (also check this computer's clock: "
-                                f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC); until then, only if you have "
+                                f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC); until then, only if you have "
                                 f"checked the fingerprint with the provider, you can pin it: {pin}")
         if vc == _NOT_YET_VALID:
             when = f" (valid from {cert.not_before:%Y-%m-%d %H:%M} UTC)" if cert and cert.not_before else ""
             raise self.out.fail(code, head, f"the certificate is not valid yet{when}",
                                 f"check this computer's clock and time zone "
-                                f"(now {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC)")
+                                f"(now {datetime.now(UTC):%Y-%m-%d %H:%M} UTC)")
         if vc in _NAME_MISMATCH:
             names = cert.names if cert else []
             if names:
@@ -501,7 +507,7 @@ class _Cert:
     self_signed: bool = False
 
     @classmethod
-    def from_der(cls, der: bytes) -> "_Cert":
+    def from_der(cls, der: bytes) -> _Cert:
         c = cls(fingerprint=fingerprint_hex(der))
         d = _decode_der(der)
         if not d:
@@ -512,7 +518,7 @@ class _Cert:
         c.sans = tuple((k, v.strip()) for k, v in d.get("subjectAltName", ()))
         for attr, key in (("not_before", "notBefore"), ("not_after", "notAfter")):
             try:
-                setattr(c, attr, datetime.fromtimestamp(ssl.cert_time_to_seconds(d[key]), timezone.utc))
+                setattr(c, attr, datetime.fromtimestamp(ssl.cert_time_to_seconds(d[key]), UTC))
             except (KeyError, ValueError):
                 pass
         return c
@@ -527,7 +533,7 @@ class _Cert:
     def days_left(self) -> int | None:
         if self.not_after is None:
             return None
-        return int((self.not_after - datetime.now(timezone.utc)).total_seconds() // 86400)
+        return int((self.not_after - datetime.now(UTC)).total_seconds() // 86400)
 
     def matches(self, host: str) -> bool | None:
         if not self.sans and not self.common_names:
@@ -618,7 +624,7 @@ class _Conn:
     def _fill(self, deadline: float) -> None:
         left = deadline - time.monotonic()
         if left <= 0:
-            raise socket.timeout("timed out")
+            raise TimeoutError("timed out")
         self.sock.settimeout(left)
         data = self.sock.recv(65536)
         if not data:
@@ -653,7 +659,7 @@ _LOST = (OSError, EOFError, ssl.SSLError)
 
 
 def _is_timeout(exc: BaseException) -> bool:
-    return isinstance(exc, (socket.timeout, TimeoutError))
+    return isinstance(exc, TimeoutError)
 
 
 class _Proto:
@@ -663,6 +669,10 @@ class _Proto:
     def __init__(self, conn: _Conn, t: CheckTarget, out: _Out) -> None:
         self.conn, self.t, self.out = conn, t, out
         self.caps: list[str] = []
+        self.secret: str | None = None      # the password, once sent: masked in whatever the server says
+
+    def text(self, data: bytes, limit: int = 160) -> str:
+        return _server_text(data, limit, self.secret)
 
     def lost(self, step: str, exc: BaseException) -> _Fail:
         t = self.t
@@ -672,7 +682,8 @@ class _Proto:
                                  "try again; raise timeout for a slow server")
         if isinstance(exc, _Garbage):
             return self.out.fail(ConnectionLost.exit_code, f"{step}: {t.where} sent no line breaks",
-                                 f"the server accepted TLS but does not speak {self.name}: wrong protocol on this port?",
+                                 f"the server accepted TLS but does not speak {self.name}: "
+                                 "wrong protocol on this port?",
                                  "check the port (IMAPS 993, POP3S 995)")
         return self.out.fail(ConnectionLost.exit_code, f"{step}: connection to {t.where} lost ({_lost_reason(exc)})",
                              "the server closed the connection (it may limit connections, or crashed)",
@@ -685,7 +696,8 @@ class _Proto:
             line = self.conn.readline(limit=4096)
         except (_Garbage, *_LOST) as exc:
             if _is_timeout(exc) or isinstance(exc, _Garbage):
-                what = f"no greeting within {t.timeout:g} s" if _is_timeout(exc) else "no greeting, only unreadable data"
+                what = (f"no greeting within {t.timeout:g} s" if _is_timeout(exc)
+                        else "no greeting, only unreadable data")
                 raise self.out.fail(code, f"greeting: {what} from {t.where}",
                                     f"the server accepted TLS but did not greet: wrong protocol on this port? "
                                     f"({self.name} servers greet at once)",
@@ -704,20 +716,22 @@ class _Proto:
         other_port = {"IMAP": 993, "POP3": 995}[self.other]
         flag = "drop --pop3" if self.other == "IMAP" else "use --pop3"
         return self.out.fail(ConnectionLost.exit_code,
-                             f"greeting: {t.where} is a {self.other} server, not {self.name}: {_server_text(line, 80)!r}",
+                             f"greeting: {t.where} is a {self.other} server, not {self.name}: "
+                             f"{_server_text(line, 80)!r}",
                              f"the port is for {self.other} (usually {other_port})",
                              f"set protocol = \"{self.other.lower()}\" (on the command line: {flag}), "
                              f"or use the {self.name} port ({DEFAULT_PORTS[self.name.lower()]})")
 
     def garbage(self, line: bytes) -> _Fail:
         return self.out.fail(ConnectionLost.exit_code,
-                             f"greeting: {self.t.where} answered {_server_text(line, 80)!r}, not a {self.name} greeting",
+                             f"greeting: {self.t.where} answered {_server_text(line, 80)!r}, "
+                             f"not a {self.name} greeting",
                              "the server accepted TLS but did not greet: wrong protocol on this port?",
                              "check the port (IMAPS 993, POP3S 995)")
 
     SEP = " "
-    SHOWN: tuple[str, ...] = ()
-    MISSING: dict[str, tuple[str, str]] = {}     # capability -> (warn|info, what its absence means)
+    SHOWN: ClassVar[tuple[str, ...]] = ()
+    MISSING: ClassVar[dict[str, tuple[str, str]]] = {}   # capability -> (warn|info, what its absence means)
 
     def show_caps(self, label: str, before_login: bool) -> None:
         self.out.ok(f"{label}: {self.SEP.join(self.caps) or '(none)'}")
@@ -734,11 +748,11 @@ class _Proto:
 class _Imap(_Proto):
     name, other = "IMAP", "POP3"
     SHOWN = ("CONDSTORE", "QRESYNC", "UIDPLUS")
-    MISSING = {
+    MISSING: ClassVar[dict[str, tuple[str, str]]] = {
         "CONDSTORE": ("info", "no CONDSTORE: mailsync works, but fetches every message's flags on each run"),
         "QRESYNC": ("info", "no QRESYNC: mailsync lists all UIDs to find deletions (slower on big folders)"),
-        "UIDPLUS": ("info", "no UIDPLUS: mailsync finds uploaded messages by Message-ID and expunges only "
-                            "when no other message is marked \\Deleted"),
+        "UIDPLUS": ("info", ("no UIDPLUS: mailsync finds uploaded messages by Message-ID and expunges only "
+                             "when no other message is marked \\Deleted")),
     }
 
     def __init__(self, *a) -> None:
@@ -760,7 +774,7 @@ class _Imap(_Proto):
         else:
             raise self.garbage(line)
 
-    def command(self, step: str, name: str, *args: bytes | "_Literal") -> tuple[str, str, list[bytes]]:
+    def command(self, step: str, name: str, *args: bytes | _Literal) -> tuple[str, str, list[bytes]]:
         """Send a command; (status OK/NO/BAD, text of the tagged line, untagged lines)."""
         self.n += 1
         tag = b"c%d" % self.n
@@ -787,12 +801,11 @@ class _Imap(_Proto):
             line = self.conn.readline(deadline)
             if continuation and line.startswith(b"+"):
                 return None
-            while re.search(rb"\{(\d+)\+?\}$", line):    # a literal inside a response: keep it in the line
-                n = int(re.search(rb"\{(\d+)\+?\}$", line).group(1))
-                line = line + b"\r\n" + self.conn.read_exact(n, deadline) + self.conn.readline(deadline)
+            while m := _LITERAL.search(line):     # a literal inside a response: keep it in the line
+                line = line + b"\r\n" + self.conn.read_exact(int(m.group(1)), deadline) + self.conn.readline(deadline)
             if line.startswith(tag + b" "):
                 status, _, text = line[len(tag) + 1:].partition(b" ")
-                return status.decode("ascii", "replace").upper(), _server_text(text), untagged
+                return status.decode("ascii", "replace").upper(), self.text(text), untagged
             if line.startswith(b"*"):
                 untagged.append(line)
 
@@ -817,6 +830,7 @@ class _Imap(_Proto):
             raise self.out.fail(code, f"login: {self.t.where} advertises LOGINDISABLED",
                                 "the server does not allow password login (on this port)",
                                 "ask the provider how to enable IMAP access")
+        self.secret = password
         status, text, _ = self.command("login", "LOGIN", _astring(username), _astring(password))
         if status != "OK":
             if "[UNAVAILABLE]" in text.upper():
@@ -851,6 +865,9 @@ class _Imap(_Proto):
             self.out.warn(f"logout answered {status} {text}")
 
 
+_LITERAL = re.compile(rb"\{(\d+)\+?\}$")
+
+
 class _Literal:
     def __init__(self, data: bytes) -> None:
         self.data = data
@@ -870,8 +887,9 @@ class _Pop3(_Proto):
     name, other = "POP3", "IMAP"
     SEP = ", "
     SHOWN = ("UIDL", "TOP", "USER")
-    MISSING = {"UIDL": ("warn", "no UIDL: the server cannot name messages across sessions, so mailsync "
-                                "cannot tell which ones it already has")}
+    MISSING: ClassVar[dict[str, tuple[str, str]]] = {
+        "UIDL": ("warn", ("no UIDL: the server cannot name messages across sessions, so mailsync "
+                          "cannot tell which ones it already has"))}
 
     def check_greeting(self, line: bytes) -> None:
         up = line[:6].upper()
@@ -893,7 +911,7 @@ class _Pop3(_Proto):
             first = self.conn.readline(deadline)
             ok = first.startswith(b"+OK")
             if not ok and not first.startswith(b"-ERR"):
-                raise self.out.fail(ConnectionLost.exit_code, f"{step}: unexpected answer {_server_text(first, 80)!r}",
+                raise self.out.fail(ConnectionLost.exit_code, f"{step}: unexpected answer {self.text(first, 80)!r}",
                                     "the server does not speak POP3 properly", "check the port; ask the server admin")
             body: list[bytes] = []
             if ok and multiline:
@@ -902,7 +920,7 @@ class _Pop3(_Proto):
                     if got == b".":
                         break
                     body.append(got[1:] if got.startswith(b"..") else got)
-            return ok, _server_text(first.partition(b" ")[2]), body
+            return ok, self.text(first.partition(b" ")[2]), body
         except (_Garbage, *_LOST) as exc:
             raise self.lost(step, exc) from None
 
@@ -919,6 +937,7 @@ class _Pop3(_Proto):
         if any(c in username + password for c in "\r\n\0"):
             raise self.out.fail(ConfigError.exit_code, "login: the username or password contains a line break",
                                 "a copy-and-paste error", "remove the line break")
+        self.secret = password
         ok, text, _ = self.command("login", b"USER " + username.encode("utf-8"))
         if ok:
             ok, text, _ = self.command("login", b"PASS " + password.encode("utf-8"))

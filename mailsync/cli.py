@@ -105,7 +105,7 @@ def sync(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="Config file."),
     debug: bool = typer.Option(False, "--debug", help="Log and show tracebacks."),
 ) -> None:
-    """Sync ACCOUNT: back up every selected folder into its Maildir."""
+    """Sync ACCOUNT: back up (mode backup) or sync both ways (mode sync) every selected folder."""
     debug = debug or _opts.get("debug", False)
     if debug:
         logging.basicConfig(level=logging.DEBUG, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
@@ -118,6 +118,9 @@ def sync(
         if mode not in ("backup", "sync"):
             raise ConfigError(f"[accounts.{acc.name}] mode '{mode}' is not available in mailsync {__version__}",
                               hint='use mode = "backup" or "sync"')
+        if dry_run and mode != "sync":
+            raise ConfigError("--dry-run shows what a two-way sync would change; it needs mode sync",
+                              hint="a backup never changes the server; run it, or add --mode sync")
         if acc.protocol == "pop3" and mode != "backup":
             raise ConfigError(f"[accounts.{acc.name}] POP3 is download-only: mode '{mode}' needs IMAP",
                               hint='use mode = "backup" for a POP3 account')
@@ -213,7 +216,7 @@ def _line(r) -> str:
                      f"{sum(f.deleted_local for f in fs)} deleted locally, "
                      f"{sum(f.deleted_remote for f in fs)} deleted on server")
     if r.created:
-        parts.append(f"{len(r.created)} folders created on server")
+        parts.append(f"{len(r.created)} folder{'s' if len(r.created) != 1 else ''} created on server")
     if any(f.refetched for f in fs):
         parts.append(f"{sum(f.refetched for f in fs)} restored")
     if any(f.rebound for f in fs):

@@ -259,8 +259,9 @@ def _create_missing(acc: Account, state: State, session: ImapSession, listed: li
             result.folders.append(FolderResult(name=name, notices=[
                 "deleted on the server; the local copy is kept (folder deletions never propagate)"]))
             continue
-        if not opts.dry_run:
-            session.create(name)
-        created.append(FolderInfo(name=name, delimiter=delim, flags=()))
         result.created.append(name)
+        if opts.dry_run:
+            continue  # nothing to read on the server yet
+        session.create(name)
+        created.append(FolderInfo(name=name, delimiter=delim, flags=()))
     return created

@@ -7,6 +7,7 @@ hold, so neither can store a message twice.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import threading
@@ -20,7 +21,7 @@ from mailsync.config import Account
 from mailsync.errors import SafetyAbort
 from mailsync.imap import FolderInfo, ImapSession, crlf, message_id
 from mailsync.maildir import MaildirFolder, storage_error
-from mailsync.model import FolderResult, Record, ServerView, flags_from_letters, split_flags, split_name
+from mailsync.model import FolderResult, Record, ServerView, split_flags
 from mailsync.plan import batches, deletion_guard, plan_backup, plan_sync, rematch
 from mailsync.state import State
 
@@ -46,6 +47,8 @@ class FolderJob:
                  res: FolderResult, progress: Progress, stop: threading.Event, opts: Options) -> None:
         self.acc, self.state, self.s, self.info, self.path = acc, state, s, info, path
         self.res, self.progress, self.stop, self.opts = res, progress, stop, opts
+        self.adopted: set[str] = set()                          # local files bound to a server message
+        self.push_after: list[tuple[int, frozenset[str]]] = []  # (uid, full flag set) to store
 
     # -- common steps -------------------------------------------------------------------
 
@@ -144,7 +147,7 @@ class FolderJob:
         if key in self.on_disk:
             self.on_disk[key] = (_place(flags), self.mf.retag(key, self.on_disk[key], flags, keywords))
 
-    def download(self, todo: list[int], refetch: set[int], adopt: set[str]) -> None:
+    def download(self, todo: list[int], refetch: set[int], adopt: set[str], union: bool = False) -> None:
         """Fetch messages in batches bounded by bytes: stage in tmp/, flush as a group, record,
         publish. A message whose bytes equal mail we already hold (self.spare, or an unknown local
         file in `adopt`) is bound to that file instead."""
@@ -159,9 +162,13 @@ class FolderJob:
                 data = mf.read(self.on_disk[key])
             except OSError:
                 continue
-            rec = Record(uid=0, key=key, flags=flags_from_letters(split_name(self.on_disk[key][1])[1] or ""),
-                         size=len(data), sha256=hashlib.sha256(data).hexdigest())
+            fl, kw = mf.flags_of(self.on_disk[key][1])
+            rec = Record(uid=0, key=key, flags=fl, keywords=kw, size=len(data),
+                         sha256=hashlib.sha256(data).hexdigest())
             by_hash.setdefault(rec.sha256, []).append((None, rec))
+            wire = crlf(data)  # the server holds the CRLF form of a file written with LF
+            if wire != data:
+                by_hash.setdefault(hashlib.sha256(wire).hexdigest(), []).append((None, rec))
         sizes = {u: v[0] for u, v in self.new_full.items()}
         for uid in refetch:
             sizes.setdefault(uid, self.known[uid].size if uid in self.known else 0)
@@ -178,12 +185,18 @@ class FolderJob:
                     if body is None:
                         continue  # expunged by another client meanwhile: never write an empty file
                     sha = hashlib.sha256(body).hexdigest()
-                    hits = by_hash.get(sha)
+                    hits = [h for h in by_hash.get(sha, ()) if h[1].key not in self.adopted]
                     if hits and uid not in refetch:
                         rid, rec = hits.pop()
                         if rid is None:  # adopt an unknown local file with these exact bytes
-                            rec = Record(uid=uid, key=rec.key, flags=rec.flags, keywords=kw, size=len(body),
-                                         sha256=sha, message_id=message_id(body))
+                            self.adopted.add(rec.key)
+                            if union:  # two-way: neither side's flags are lost
+                                extra = (rec.flags | rec.keywords) - (fl | kw)
+                                if extra:
+                                    self.push_after.append((uid, fl | kw | extra))
+                                fl, kw = fl | rec.flags, kw | rec.keywords
+                            rec = Record(uid=uid, key=rec.key, flags=rec.flags, keywords=rec.keywords,
+                                         size=rec.size, sha256=rec.sha256, message_id=message_id(body))
                         rebinds.append((rid, uid, fl, kw, rec))
                         continue
                     mtime = when.timestamp() if when is not None else None
@@ -286,6 +299,7 @@ class FolderJob:
                 self.fstate = self.state.folder(self.info.name, self.fstate["path"])
                 self.known_keys = set()
         self.resume_uploads()
+        fresh = bool(base_keys) and not self.existed  # (dry run: as if the state were forgotten)
         # what each file says: system flags from its letters, keywords through dovecot-keywords;
         # keywords that got no letter (more than 26) live in the state only and read as unchanged
         base_kw = {r.key: r.keywords for r in self.state.records(self.fid, self.fstate["uidvalidity"] or 0).values()}
@@ -294,26 +308,87 @@ class FolderJob:
             fl, kw = self.mf.flags_of(name)
             hidden = base_kw.get(k, frozenset()) - self.mf.kw.representable(base_kw.get(k, frozenset()))
             local_flags[k] = fl | kw | hidden
-        local_same = self.on_disk.keys() == self.known_keys_on_server() and all(
+        # files of messages the state knows as gone from the server (kept by backup mode, or from
+        # before a UIDVALIDITY change) are archived copies: never uploaded, only re-matched
+        archived = self.known_keys - self.known_keys_on_server()
+        local_same = self.on_disk.keys() - archived == self.known_keys_on_server() and all(
             local_flags.get(k) == f for k, f in self.base_flags_by_key().items())
-        if self.status_unchanged() and local_same:
+        if not fresh and self.status_unchanged() and local_same:
             self.res.skipped = True
             return
+        if fresh:
+            self.st = self.s.status(self.info.name)
+            # read the server as if nothing had been synced (what a real run does after forgetting)
+            self.fstate = {**dict(self.fstate), "uidvalidity": None, "uidnext": None, "highestmodseq": None,
+                           "messages": None}
         self.read_server(writable=not self.opts.dry_run)
+        if fresh:
+            self.known = {}
         base = {u: r for u, r in self.known.items() if r.on_server}
+        base_keys_now = {r.key for r in base.values()}
+        archived = (self.known_keys - base_keys_now) & self.on_disk.keys()
         fetch_new = {u for u in self.new_full if u not in self.known}
-        plan = plan_sync(base, self.flags, self.present, fetch_new, local_flags, self.acc.conflict)
+        plan = plan_sync(base, self.flags, self.present, fetch_new,
+                         {k: f for k, f in local_flags.items() if k not in archived}, self.acc.conflict)
         why = deletion_guard(plan, len(base), self.acc.max_delete)
         if why and not self.opts.force:
             self.res.plan = plan
             raise SafetyAbort(f"{why}; nothing was changed in this folder",
                               hint="check what happened, then run with --force if it is right")
+        plan = self.pair_new(plan, archived, local_flags)
         self.res.plan = plan
         self.res.conflicts.extend(plan.conflicts)
         if self.opts.dry_run:
             return
-        self.apply(plan, base)
+        self.apply(plan, base, adopt=(set(plan.upload) | archived))
         self.save_counters()
+
+    def pair_new(self, plan, archived: set[str], local_flags: dict[str, frozenset[str]]):
+        """New on the server and new (or archived) locally may be the same message: an upload a
+        kill interrupted, a lost state, a UIDVALIDITY change. Unambiguous (Message-ID, size)
+        pairs are bound now, without a transfer; the rest are matched by content while
+        downloading (see download). Bound pairs keep the union of both sides' flags."""
+        cands = set(plan.upload) | archived
+        if not cands or not plan.fetch:
+            return plan
+        local_ids: dict[tuple[str, int], list[str]] = {}
+        for k in cands:
+            try:
+                data = self.mf.read(self.on_disk[k])
+            except OSError:
+                continue
+            mid = message_id(data)
+            if mid:
+                local_ids.setdefault((mid, len(crlf(data))), []).append(k)
+        if not local_ids:
+            return plan
+        remote_ids: dict[tuple[str, int], list[int]] = {}
+        for uid, (size, mid) in self.s.message_ids(plan.fetch).items():
+            if mid:
+                remote_ids.setdefault((mid, size), []).append(uid)
+        pairs = [(uids[0], local_ids[k][0]) for k, uids in remote_ids.items()
+                 if len(uids) == 1 and len(local_ids.get(k, ())) == 1]
+        if not pairs:
+            return plan
+        if not self.opts.dry_run:
+            with self.state.transaction() as tx:
+                for uid, key in pairs:
+                    r_fl, r_kw = self.flags.get(uid, (frozenset(), frozenset()))
+                    merged = r_fl | r_kw | local_flags.get(key, frozenset())
+                    if merged != r_fl | r_kw:
+                        self.push_after.append((uid, merged))
+                    fl, kw = split_flags(merged)
+                    self._retag(key, fl, kw)
+                    tx.forget_key(self.fid, key)
+                    tx.add(self.fid, self.validity, Record(uid=uid, key=key, flags=fl, keywords=kw,
+                                                           size=self.new_full.get(uid, (0,))[0]), None)
+                self.mf.sync_dirs()
+        self.res.rebound += len(pairs)
+        uids = {u for u, _ in pairs}
+        keys = {k for _, k in pairs}
+        self.adopted |= keys
+        return dataclasses.replace(plan, fetch=tuple(u for u in plan.fetch if u not in uids),
+                                   upload=tuple(k for k in plan.upload if k not in keys))
 
     def known_keys_on_server(self) -> set[str]:
         if self.fstate["uidvalidity"] is None:
@@ -326,16 +401,14 @@ class FolderJob:
         return {r.key: r.flags | r.keywords for r in self.state.records(self.fid, self.fstate["uidvalidity"]).values()
                 if r.on_server}
 
-    def apply(self, plan, base: dict[int, Record]) -> None:
+    def apply(self, plan, base: dict[int, Record], adopt: set[str]) -> None:
         state, fid, validity, mf = self.state, self.fid, self.validity, self.mf
         unchanged = self.sel.get("highestmodseq") if self.s.condstore else None
-        # 1. flags first: to the server (refused where it changed meanwhile), then locally
-        refused: set[int] = set()
-        groups: dict[tuple[frozenset[str], frozenset[str]], list[int]] = {}
-        for uid, add, remove in plan.push:
-            groups.setdefault((add, remove), []).append(uid)
-        for (add, remove), uids in groups.items():
-            refused |= self.s.store(uids, add, remove, unchanged)
+        # 1. flags first: to the server (refused where it changed meanwhile), then locally.
+        #    One STORE FLAGS per message with its whole new set, so adding one flag and removing
+        #    another is one change the server either takes or refuses.
+        refused = self._store_sets([(uid, (self._remote_all(uid, base) | add) - remove)
+                                    for uid, add, remove in plan.push], unchanged)
         if refused:
             self.res.notices.append(f"{len(refused)} messages changed on the server during the run; "
                                     "their flags are merged on the next run")
@@ -351,10 +424,15 @@ class FolderJob:
                     tx.set_flags(fid, validity, uid, fl, kw)
         self.res.flags_changed += len(records)
         self.res.flags_pushed += len(plan.push) - len(refused & {u for u, _, _ in plan.push})
-        # 2. messages: server -> Maildir, then Maildir -> server
+        # 2. messages: server -> Maildir (binding local copies of the same bytes), then uploads
         fetch = self.rebind_known_mail(list(plan.fetch))
-        self.download(fetch + list(plan.refetch), set(plan.refetch), set())
-        self.upload([*plan.upload, *(base[u].key for u in plan.reupload)], replaced={base[u].key: u for u in plan.reupload})
+        self.download(fetch + list(plan.refetch), set(plan.refetch), adopt, union=True)
+        if self.push_after:
+            self._store_sets(self.push_after, None)
+            self.push_after = []
+        uploads = [k for k in plan.upload if k not in self.adopted]
+        self.upload([*uploads, *(base[u].key for u in plan.reupload)],
+                    replaced={base[u].key: u for u in plan.reupload})
         # 3. deletions: local files for server expunges, server messages for removed files
         if plan.delete_local:
             for uid in plan.delete_local:
@@ -372,21 +450,42 @@ class FolderJob:
                 tx.forget(fid, validity, plan.delete_local)
             self.res.deleted_local += len(plan.delete_local)
         if plan.delete_remote:
+            # the base learns \Deleted first: a kill before the expunge then reads as "still to
+            # delete", not as "changed on the server"
+            with state.transaction() as tx:
+                for uid in plan.delete_remote:
+                    tx.set_flags(fid, validity, uid, base[uid].flags | {"\\Deleted"}, base[uid].keywords)
             refused_del = self.s.store(plan.delete_remote, frozenset({"\\Deleted"}), frozenset(), unchanged)
             doomed = [u for u in plan.delete_remote if u not in refused_del]
             if refused_del:
                 self.res.notices.append(f"{len(refused_del)} messages removed locally were changed on the "
-                                        "server meanwhile; kept, and fetched again on the next run")
-            if doomed and not self.s.expunge(doomed):
-                self.res.notices.append("the server lacks UIDPLUS and other messages are marked \\Deleted: "
-                                        "messages removed locally are marked \\Deleted but not expunged")
+                                        "server meanwhile; not deleted there (see conflict on the next run)")
+            expunged = self.s.expunge(doomed) if doomed else True
             crashpoint.hit("expunged")
-            with state.transaction() as tx:
-                tx.forget(fid, validity, doomed)
-            self.res.deleted_remote += len(doomed)
+            if not expunged:
+                self.res.notices.append("the server lacks UIDPLUS and other messages are marked \\Deleted: "
+                                        "messages removed locally are marked \\Deleted, expunged on a later run")
+            else:
+                with state.transaction() as tx:
+                    tx.forget(fid, validity, doomed)
+                self.res.deleted_remote += len(doomed)
         if plan.forget:
             with state.transaction() as tx:
                 tx.forget(fid, validity, plan.forget)
+
+    def _remote_all(self, uid: int, base: dict[int, Record]) -> frozenset[str]:
+        fl, kw = self.flags.get(uid, (base[uid].flags, base[uid].keywords) if uid in base else (frozenset(), frozenset()))
+        return fl | kw
+
+    def _store_sets(self, targets, unchanged: int | None) -> set[int]:
+        """STORE FLAGS.SILENT with each message's whole set, grouped by set; returns refused UIDs."""
+        groups: dict[frozenset[str], list[int]] = {}
+        for uid, full in targets:
+            groups.setdefault(frozenset(full), []).append(uid)
+        refused: set[int] = set()
+        for full, uids in groups.items():
+            refused |= self.s.store_flags(uids, full, unchanged)
+        return refused
 
     # -- uploads: crash-safe via a journal of pending uploads -----------------------------
 
@@ -396,7 +495,7 @@ class FolderJob:
         for key in keys:
             if self.stop.is_set():
                 raise Stopped()
-            if key not in self.on_disk:
+            if key not in self.on_disk or key in self.adopted:
                 continue
             sub, name = self.on_disk[key]
             path = self.path / sub / name
@@ -416,7 +515,7 @@ class FolderJob:
             uid = self.s.append(self.info.name, data, flags | keywords, when)
             crashpoint.hit("appended")
             if uid is None:
-                uid = self.find_uploaded(mid, len(data), self.sel.get("uidnext") or 1)
+                uid = self.find_uploaded(mid, data, self.sel.get("uidnext") or 1)
             with self.state.transaction() as tx:
                 if key in replaced:
                     tx.forget(self.fid, self.validity, [replaced[key]])
@@ -427,20 +526,28 @@ class FolderJob:
                 tx.clear_upload(self.fid, key)
             if uid is None:
                 self.res.notices.append(f"uploaded {name} but could not learn its UID; it is matched by "
-                                        "content on the next run")
+                                        "Message-ID and content on the next run")
             self.res.uploaded += 1
 
-    def find_uploaded(self, mid: str, size: int, since_uid: int = 1) -> int | None:
-        """The UID of a message we uploaded: by Message-ID + size among UIDs the state does not
-        know, or else by size among UIDs the server assigned since the upload started."""
-        known = set(self.state.records(self.fid, self.validity)) if hasattr(self, "validity") else set()
-        cands = [u for u in self.s.search_message_id(mid) if u not in known] if mid else []
-        if not cands:
-            raw = self.s.new_messages(max(since_uid, 1))
-            cands = [u for u, (sz, _fl, _kw) in raw.items() if sz == size and u not in known]
-        sizes = self.s.sizes(cands)
-        match = [u for u in cands if sizes.get(u) == size]
-        return max(match) if match else None
+    def find_uploaded(self, mid: str, data: bytes, since_uid: int = 1) -> int | None:
+        """The UID of a message we uploaded (data: the bytes as sent), among UIDs the state does
+        not know: by Message-ID and size where the message has one, else by size and then by
+        content among the UIDs the server assigned since the upload started."""
+        known = set(self.state.records(self.fid, self.validity))
+        size = len(data)
+        if mid:
+            cands = [u for u in self.s.search_message_id(mid) if u not in known]
+            sizes = self.s.sizes(cands)
+            match = [u for u in cands if sizes.get(u) == size]
+            if len(match) == 1:
+                return match[0]
+        newer = self.s.new_messages(max(since_uid, 1))
+        cands = [u for u, (sz, _fl, _kw) in newer.items() if sz == size and u not in known]
+        want = hashlib.sha256(data).hexdigest()
+        for uid, body, *_ in self.s.bodies(cands[:20]) if cands else ():
+            if body is not None and hashlib.sha256(body).hexdigest() == want:
+                return uid
+        return None
 
     def resume_uploads(self) -> None:
         """Uploads a killed run journaled: bind the server copy if it arrived, else forget the
@@ -452,13 +559,15 @@ class FolderJob:
             return
         sel = self.s.select(self.info.name)
         self.validity = sel.get("uidvalidity")
-        for key, uidnext, size, mid, sha in pending:
-            uid = self.find_uploaded(mid, size, uidnext) if key in self.on_disk else None
+        for key, uidnext, _size, mid, sha in pending:
+            uid = None
+            if key in self.on_disk:
+                raw = self.mf.read(self.on_disk[key])
+                uid = self.find_uploaded(mid, crlf(raw), uidnext)
             with self.state.transaction() as tx:
                 if uid is not None:
-                    sub, name = self.on_disk[key]
-                    flags, keywords = self.mf.flags_of(name)
-                    tx.add(self.fid, self.validity, Record(uid=uid, key=key, flags=flags, keywords=keywords, size=size,
-                                                           sha256=sha, message_id=mid), None)
+                    flags, keywords = self.mf.flags_of(self.on_disk[key][1])
+                    tx.add(self.fid, self.validity, Record(uid=uid, key=key, flags=flags, keywords=keywords,
+                                                           size=len(raw), sha256=sha, message_id=mid), None)
                 tx.clear_upload(self.fid, key)
         self.known_keys = self.state.keys(self.fid)

@@ -299,6 +299,20 @@ class ImapSession:
                     modified |= parse_seqset(m.group(1).decode())
         return modified
 
+    def store_flags(self, uids: Iterable[int], flags: frozenset[str], unchangedsince: int | None) -> set[int]:
+        """Set each message's whole flag set (FLAGS.SILENT); returns the UIDs refused because they
+        changed on the server since unchangedsince (RFC 7162 MODIFIED)."""
+        uids = sorted(uids)
+        mod = [f"(UNCHANGEDSINCE {unchangedsince})"] if unchangedsince is not None and self.condstore else []
+        modified: set[int] = set()
+        for chunk in _chunks(uids, 500):
+            text = self._tagged("UID", "STORE", seqset(chunk), *mod, "FLAGS.SILENT",
+                                "(" + " ".join(sorted(flags)) + ")")
+            m = _MODIFIED.search(text)
+            if m:
+                modified |= parse_seqset(m.group(1).decode())
+        return modified
+
     def append(self, folder: str, data: bytes, flags: frozenset[str], when: datetime | None) -> int | None:
         """APPEND; returns the new UID when the server says it (UIDPLUS), else None."""
         resp = self._call(self.client.append, folder, data, sorted(flags), when)

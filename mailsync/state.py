@@ -226,6 +226,9 @@ class State:
             row = self.db.execute("SELECT uidvalidity FROM folders WHERE name=?", (name,)).fetchone()
         return row[0] if row else None
 
+    def forget_key(self, fid: int, key: str) -> None:
+        self.db.execute("DELETE FROM messages WHERE folder_id=? AND key=?", (fid, key))
+
     def forget(self, fid: int, uidvalidity: int, uids) -> None:
         self.db.executemany("DELETE FROM messages WHERE folder_id=? AND uidvalidity=? AND uid=?",
                             [(fid, uidvalidity, u) for u in uids])

@@ -294,3 +294,102 @@ def test_keywords_sync_both_ways_through_dovecot_keywords(su):
     assert kw.keywords(info2) == {"$Work", "$Later"}
     s = run(su)
     assert s["totals"]["flags_pushed"] == s["totals"]["flags_changed"] == 0
+
+
+def test_uidvalidity_change_in_sync_duplicates_nothing(su):
+    su.append("Work", [msg(i) for i in range(1, 5)])
+    run(su)
+    c = su.imap()
+    c.delete_folder("Work")
+    c.logout()
+    su.append("Work", [msg(i) for i in range(1, 5)] + [msg(9)])  # re-created: new UIDVALIDITY
+    r = su.run("sync", "test", "--json")
+    assert r.returncode == 0, r.stderr
+    run(su)
+    work = folder_path(su.maildir, ["Work"], "maildir++", False)
+    assert sorted(sha(b) for b in local_files(work).values()) == sorted(sha(msg(i)) for i in (1, 2, 3, 4, 9))
+    assert sorted(sha(b) for b, _ in su.server_messages()["Work"].values()) == \
+        sorted(sha(msg(i)) for i in (1, 2, 3, 4, 9))
+
+
+def test_lost_state_in_sync_duplicates_nothing(su):
+    su.append("INBOX", [msg(1), msg(2)], flags=[b"\\Seen"])
+    run(su)
+    (su.maildir / "new" / "1700000000.mine.host:2,F").write_bytes(msg(3))  # and one offline message
+    for p in su.maildir.glob(".mailsync.db*"):
+        p.unlink()
+    run(su)
+    run(su)
+    assert sorted(sha(b) for b in local_files(su.maildir).values()) == sorted(sha(msg(i)) for i in (1, 2, 3))
+    assert sorted(sha(b) for b, _ in su.server_messages()["INBOX"].values()) == \
+        sorted(sha(msg(i)) for i in (1, 2, 3))
+
+
+def test_switching_a_backup_to_sync_does_not_resurrect_expunged_mail(user):
+    user.append("INBOX", [msg(1), msg(2)])
+    assert user.run("sync", "test").returncode == 0            # mode backup
+    c = user.imap()
+    c.select_folder("INBOX")
+    c.delete_messages([1])
+    c.expunge()
+    c.logout()
+    assert user.run("sync", "test").returncode == 0            # backup keeps msg 1 locally
+    user.write_config('mode = "sync"')
+    s = run(user)
+    assert s["totals"]["uploaded"] == 0
+    assert [sha(b) for b, _ in user.server_messages()["INBOX"].values()] == [sha(msg(2))]
+    assert len(local_files(user.maildir)) == 2                  # the archived copy stays
+
+
+def test_add_one_flag_and_remove_another_in_one_change(su):
+    su.append("INBOX", [msg(1)], flags=[b"\\Seen"])
+    run(su)
+    set_local_flags(file_of(su, msg(1)), "F")  # -\Seen +\Flagged
+    r = su.run("sync", "test", "--json")
+    assert r.returncode == 0 and "changed on the server" not in r.stderr
+    assert server_flags(su) == {1: {"\\Flagged"}}
+
+
+def test_dry_run_changes_nothing_and_shows_the_plan(su):
+    import shutil
+    su.append("INBOX", [msg(1), msg(2)])
+    su.append("Work", [msg(3)])
+    run(su)
+    file_of(su, msg(1)).unlink()
+    (su.maildir / "cur" / "1700000000.x.host:2,S").write_bytes(msg(7))
+    shutil.rmtree(folder_path(su.maildir, ["Work"], "maildir++", False))
+    local = folder_path(su.maildir, ["New Local"], "maildir++", False)
+    for d in ("cur", "new", "tmp"):
+        (local / d).mkdir(parents=True)
+    before_srv = su.server_messages()
+    before_local = local_files(su.maildir)
+    r = su.run("sync", "test", "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert "upload to server: 1" in r.stdout and "delete on server (removed locally): 1" in r.stdout
+    assert "create folder on server: New Local" in r.stdout
+    assert "Work" in r.stdout and "download from server: 1" in r.stdout  # the missing folder comes back
+    assert su.server_messages() == before_srv
+    assert local_files(su.maildir) == before_local
+    r = su.run("sync", "test", "--dry-run", "--mode", "backup")
+    assert r.returncode == 2 and "--dry-run" in r.stderr
+
+
+def test_without_uidplus_other_deleted_messages_are_not_expunged(basic_user):
+    u = basic_user
+    u.write_config('mode = "sync"')
+    u.append("INBOX", [msg(1), msg(2), msg(3)])
+    run(u)
+    other = u.imap()
+    other.select_folder("INBOX")
+    other.add_flags([3], [b"\\Deleted"])  # someone else's pending deletion
+    file_of(u, msg(1)).unlink()
+    r = u.run("sync", "test", "--json")
+    assert r.returncode == 0, r.stderr
+    assert "UIDPLUS" in r.stderr
+    assert len(u.server_messages()["INBOX"]) == 3  # nothing expunged behind the other client's back
+    other.remove_flags([3], [b"\\Deleted"])
+    other.logout()
+    s = run(u)
+    assert s["totals"]["deleted_remote"] == 1
+    assert sorted(sha(b) for b, _ in u.server_messages()["INBOX"].values()) == sorted([sha(msg(2)), sha(msg(3))])
+    assert len(local_files(u.maildir)) == 2
