@@ -205,6 +205,51 @@ def compare(
     typer.echo(json.dumps(d, indent=2, ensure_ascii=False) if as_json else cmp.table(d))
 
 
+@app.command()
+def check(
+    target: str = typer.Argument(..., help="An account name from the config, or HOST[:PORT]."),
+    pop3: bool = typer.Option(False, "--pop3", help="With HOST[:PORT]: check POP3S (default IMAPS)."),
+    ports: bool = typer.Option(False, "--ports", help="Also probe TCP 143, 110, 993 and 995."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Config file."),
+    debug: bool = typer.Option(False, "--debug", help="Log and show tracebacks."),
+) -> None:
+    """Diagnose a connection step by step: DNS, TCP, TLS, certificate, greeting, login, latency."""
+    debug = _setup(config, debug)
+    from mailsync import check as chk
+    try:
+        cfg = None
+        try:
+            cfg = config_mod.load(config or _opts.get("config"))
+        except ConfigError:
+            if target in _maybe_accounts(config):
+                raise
+        if cfg is not None and target in cfg.accounts:
+            acc = cfg.account(target)
+            from mailsync import secrets
+            t = chk.target_from_account(acc)
+            password = secrets.password(acc)
+        else:
+            t = chk.target_from_hostport(target, "pop3" if pop3 else "imap")
+            password = None
+        code = chk.run_check(t, password, ports=ports, emit=typer.echo)
+    except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001
+        if isinstance(exc, KeyboardInterrupt):
+            raise typer.Exit(130) from None
+        _fail(exc, debug)
+        return
+    raise typer.Exit(code)
+
+
+def _maybe_accounts(config: Optional[Path]) -> set[str]:
+    """Account names a config file that failed to load seems to name (to report its error)."""
+    import re
+    try:
+        text = config_mod.default_path().read_text() if config is None else Path(config).read_text()
+    except OSError:
+        return set()
+    return set(re.findall(r"^\s*\[accounts\.([^\]]+)\]", text, re.M))
+
+
 def _line(r) -> str:
     fs = r.folders
     new = sum(f.new for f in fs)

@@ -138,7 +138,14 @@ class ImapSession:
                                    f"server shows SHA-256 {pretty_fingerprint(got)}",
                                    hint="if the server's certificate was renewed, update fingerprint")
             try:
-                self.client.login(acc.username, password)
+                if password.isascii():
+                    self.client.login(acc.username, password)
+                else:  # imaplib sends LOGIN as ASCII: use AUTHENTICATE PLAIN (UTF-8) instead
+                    self.client.plain_login(acc.username, password)
+            except UnicodeError:
+                raise AuthError(f"login as {acc.username} at {self.where} failed: the password is not "
+                                "ASCII and the server does not take it",
+                                hint="check the password; the server must offer AUTH=PLAIN") from None
             except imapx.LoginError as exc:
                 if isinstance(exc.__context__, imaplib.IMAP4.abort):
                     raise ConnectionLost(f"{self.where} closed the connection during login: {_text(exc)}",

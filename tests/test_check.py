@@ -320,3 +320,12 @@ def test_password_with_quotes_and_non_ascii(dovecot, tmp_path, protocol):
     code, lines = check(target(port, protocol=protocol, username=name, ca_file=dovecot.ca_file, timeout=30), pw)
     assert code == 0, lines
     assert pw not in "\n".join(lines)
+
+
+def test_check_command_line(user):
+    r = user.run("check", "test")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "ok" in r.stdout and user.password not in r.stdout + r.stderr
+    r = user.run("check", f"127.0.0.1:{user.server.pop3s_port}", "--pop3")
+    assert r.returncode == 4  # no ca_file for a bare host: the test CA is unknown
+    assert "fingerprint" in r.stdout

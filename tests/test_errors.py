@@ -165,3 +165,12 @@ def test_debug_shows_traceback_but_never_the_password(user):
     r = user.run("--debug", "sync", "test", env=user.env(MAILSYNC_TEST_PASSWORD="hunter2-wrong"))
     assert r.returncode == 3
     assert "hunter2-wrong" not in r.stderr + r.stdout
+
+
+def test_non_ascii_password_logs_in(user, dovecot):
+    from tests.helpers import MailUser
+    u = MailUser.create(dovecot, f"{user.name}u", user.tmp / "u8")
+    u.password = "pässwörd-ünïcode"
+    (dovecot.root / "passwd.d" / u.name).write_text(f"{u.name}:{{PLAIN}}{u.password}::::::\n")
+    r = u.run("sync", "test")
+    assert r.returncode == 0, r.stderr
