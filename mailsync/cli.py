@@ -250,6 +250,90 @@ def _maybe_accounts(config: Optional[Path]) -> set[str]:
     return set(re.findall(r"^\s*\[accounts\.([^\]]+)\]", text, re.M))
 
 
+def _transfer_out(report, as_json: bool, quiet: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps(report.to_json(), indent=2, ensure_ascii=False))
+    for f in report.folders:
+        for e in f.errors:
+            typer.echo(f"mailsync: error: {f.name}: {e}", err=True)
+    if not as_json and not quiet:
+        typer.echo(report.line())
+    if any(f.errors or f.failed for f in report.folders):
+        raise typer.Exit(PartialFailure.exit_code)
+
+
+@app.command()
+def migrate(
+    src: str = typer.Argument(..., help="Source account (IMAP)."),
+    dst: str = typer.Argument(..., help="Destination account (IMAP)."),
+    delete: bool = typer.Option(False, "--delete", help="Also delete from DST what is gone from SRC (guarded)."),
+    force: bool = typer.Option(False, "--force", help="Go ahead even when the deletion guard trips."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing unless something fails."),
+    as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Config file."),
+    debug: bool = typer.Option(False, "--debug", help="Log and show tracebacks."),
+) -> None:
+    """Copy every folder and message of SRC to DST, resumable and without duplicates."""
+    debug = _setup(config, debug)
+    try:
+        cfg = config_mod.load(config or _opts.get("config"))
+        sa, da = cfg.account(src), cfg.account(dst)
+        for a in (sa, da):
+            if a.protocol != "imap":
+                raise ConfigError(f"[accounts.{a.name}] migrate needs IMAP accounts")
+        from mailsync import secrets, transfer
+        bars = _Bars() if (sys.stderr.isatty() and not quiet and not as_json) else None
+        try:
+            report = transfer.migrate(sa, da, secrets.password(sa), secrets.password(da), delete=delete,
+                                      force=force, progress=bars or (lambda e, d: None))
+        finally:
+            if bars:
+                bars.close()
+    except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001
+        if isinstance(exc, KeyboardInterrupt):
+            typer.echo("mailsync: interrupted; run again to continue, nothing is copied twice", err=True)
+            raise typer.Exit(130) from None
+        _fail(exc, debug)
+        return
+    _transfer_out(report, as_json, quiet)
+
+
+@app.command()
+def restore(
+    account: str = typer.Argument(..., help="Account to upload to (IMAP)."),
+    source: Path = typer.Option(..., "--from", help="The Maildir to upload (a backup, or any Maildir)."),
+    layout: Optional[str] = typer.Option(None, "--layout", help="maildir++ or fs (default: detected)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing unless something fails."),
+    as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Config file."),
+    debug: bool = typer.Option(False, "--debug", help="Log and show tracebacks."),
+) -> None:
+    """Upload a Maildir to ACCOUNT: folders, flags, dates; resumable and without duplicates."""
+    debug = _setup(config, debug)
+    try:
+        if layout not in (None, "maildir++", "fs"):
+            raise ConfigError(f"--layout must be maildir++ or fs, not {layout!r}")
+        cfg = config_mod.load(config or _opts.get("config"))
+        acc = cfg.account(account)
+        if acc.protocol != "imap":
+            raise ConfigError(f"[accounts.{acc.name}] restore needs an IMAP account")
+        from mailsync import secrets, transfer
+        bars = _Bars() if (sys.stderr.isatty() and not quiet and not as_json) else None
+        try:
+            report = transfer.restore(acc, secrets.password(acc), source.expanduser(), layout=layout,
+                                      progress=bars or (lambda e, d: None))
+        finally:
+            if bars:
+                bars.close()
+    except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001
+        if isinstance(exc, KeyboardInterrupt):
+            typer.echo("mailsync: interrupted; run again to continue, nothing is uploaded twice", err=True)
+            raise typer.Exit(130) from None
+        _fail(exc, debug)
+        return
+    _transfer_out(report, as_json, quiet)
+
+
 def _line(r) -> str:
     fs = r.folders
     new = sum(f.new for f in fs)

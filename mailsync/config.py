@@ -44,6 +44,8 @@ class Account:
     create: str = "both"
     delete_after_days: float | None = None  # POP3: DELE what is safely stored and this old
     max_message_size: int | None = None     # POP3: skip (with a notice) anything bigger
+    folder_map: dict | None = None          # migrate: source folder -> destination folder
+    max_bytes_per_second: int | None = None  # migrate/restore: upload rate limit
     source: Path | None = None  # the config file it came from
 
     def __repr__(self) -> str:  # never show secrets, even by accident
@@ -91,6 +93,8 @@ _KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "create": ((str,), '"both", "server", "local" or "none"'),
     "delete_after_days": ((int, float), "a number of days"),
     "max_message_size": ((int,), "a number of bytes"),
+    "folder_map": ((dict,), 'a table like { "Sent Items" = "Sent" }'),
+    "max_bytes_per_second": ((int,), "a number of bytes per second"),
 }
 
 
@@ -234,6 +238,13 @@ def _account(name: str, sec, path: Path, warnings: list[str]) -> Account:
     if mms is not None and mms < 1:
         raise ConfigError(f"{where}: 'max_message_size' must be a positive number of bytes")
 
+    fmap = sec.get("folder_map")
+    if fmap is not None and not all(isinstance(k, str) and isinstance(v, str) and v for k, v in fmap.items()):
+        raise ConfigError(f"{where}: 'folder_map' must map folder names to folder names")
+    mbps = sec.get("max_bytes_per_second")
+    if mbps is not None and mbps < 1024:
+        raise ConfigError(f"{where}: 'max_bytes_per_second' must be at least 1024")
+
     return Account(
         name=name,
         host=need("host"),
@@ -259,5 +270,7 @@ def _account(name: str, sec, path: Path, warnings: list[str]) -> Account:
         create=create,
         delete_after_days=float(dad) if dad is not None else None,
         max_message_size=mms,
+        folder_map=dict(fmap) if fmap else None,
+        max_bytes_per_second=mbps,
         source=path,
     )

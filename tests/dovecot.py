@@ -129,6 +129,24 @@ mail_location = maildir:~/Maildir
 namespace inbox {{
   inbox = yes
   separator = /
+  mailbox Sent {{
+    special_use = \\Sent
+  }}
+  mailbox "Sent Items" {{
+    special_use = \\Sent
+  }}
+  mailbox Trash {{
+    special_use = \\Trash
+  }}
+  mailbox "Deleted Items" {{
+    special_use = \\Trash
+  }}
+  mailbox Drafts {{
+    special_use = \\Drafts
+  }}
+  mailbox Junk {{
+    special_use = \\Junk
+  }}
 }}
 pop3_uidl_format = %08Xu%08Xv
 {internal}

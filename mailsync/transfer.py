@@ -1,0 +1,372 @@
+"""Copying mail to an IMAP account: `migrate` (server to server) and `restore` (Maildir to server).
+
+Both are resumable and duplicate-free without trusting anything but the destination itself:
+before a folder is filled, the destination's messages are indexed by (Message-ID, size), and a
+message already there (copied before, by a run that was killed after its APPEND, or by hand) is
+skipped; messages without a Message-ID are compared by content among those of the same size.
+`migrate` also keeps a small state (source UIDVALIDITY/UID -> destination UID) so a re-run skips
+known messages without looking at them, and updates flags (the source wins).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import sqlite3
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from mailsync import crashpoint
+from mailsync.config import Account
+from mailsync.errors import ServerError, StorageError
+from mailsync.folders import selected
+from mailsync.imap import FolderInfo, ImapSession, crlf, message_id
+from mailsync.localfolders import local_folders
+from mailsync.maildir import MaildirFolder
+from mailsync.plan import batches
+
+Progress = Callable[[str, dict], None]
+
+SPECIAL = ("\\Sent", "\\Trash", "\\Drafts", "\\Junk", "\\Archive")
+# common names, for servers that do not mark their special folders (lower-case)
+COMMON_NAMES = {
+    "\\Sent": ("sent", "sent items", "sent messages", "sent mail", "gesendet", "gesendete elemente",
+               "envoyés", "[gmail]/sent mail"),
+    "\\Trash": ("trash", "deleted items", "deleted messages", "papierkorb", "corbeille", "[gmail]/trash"),
+    "\\Drafts": ("drafts", "entwürfe", "brouillons", "[gmail]/drafts"),
+    "\\Junk": ("junk", "spam", "junk e-mail", "bulk mail", "[gmail]/spam"),
+    "\\Archive": ("archive", "archives", "archiv", "[gmail]/all mail"),
+}
+THROTTLE = re.compile(r"THROTTLED|try again|too many|UNAVAILABLE|rate limit", re.I)
+
+
+@dataclass
+class CopyResult:
+    name: str
+    target: str = ""
+    copied: int = 0
+    present: int = 0
+    failed: int = 0
+    flags_updated: int = 0
+    deleted: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    errors: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TransferReport:
+    folders: list[CopyResult] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def total(self, attr: str) -> int:
+        return sum(getattr(f, attr) for f in self.folders)
+
+    def to_json(self) -> dict:
+        return {"seconds": round(self.seconds, 3),
+                "totals": {k: self.total(k) for k in ("copied", "present", "failed", "flags_updated", "deleted",
+                                                      "bytes")},
+                "rate_messages_per_second": round(self.total("copied") / self.seconds, 1) if self.seconds else 0,
+                "folders": [f.__dict__ for f in self.folders]}
+
+    def line(self) -> str:
+        mb = self.total("bytes") / 1e6
+        rate = self.total("copied") / self.seconds if self.seconds else 0
+        return (f"{self.total('copied')} copied, {self.total('present')} already present, "
+                f"{self.total('failed')} failed, {self.total('flags_updated')} flags updated, "
+                f"{self.total('deleted')} deleted, {mb:.1f} MB in {self.seconds:.1f} s ({rate:.0f} msg/s)")
+
+
+# ----------------------------------------------------------------------------- destination side
+
+class Destination:
+    """One IMAP account being filled: folder creation and a per-folder index of what it holds."""
+
+    def __init__(self, acc: Account, s: ImapSession) -> None:
+        self.acc, self.s = acc, s
+        self.folders = {f.name: f for f in s.list_folders()}
+        self.delim = next((f.delimiter for f in self.folders.values() if f.delimiter), None) or "/"
+        self.special = {}
+        for f in self.folders.values():
+            for flag in f.flags:
+                if flag in SPECIAL and flag not in self.special:
+                    self.special[flag] = f.name
+        for flag, names in COMMON_NAMES.items():
+            if flag not in self.special:
+                hit = next((n for n in self.folders if n.lower() in names), None)
+                if hit:
+                    self.special[flag] = hit
+        self.last_bytes = 0.0
+        self.window_start = time.monotonic()
+
+    def ensure(self, name: str) -> None:
+        if name not in self.folders and name.upper() != "INBOX":
+            self.s.create(name)
+            self.folders[name] = FolderInfo(name=name, delimiter=self.delim, flags=())
+
+    def index(self, name: str) -> tuple[dict[tuple[str, int], list[int]], dict[int, list[int]], dict[int, frozenset]]:
+        """(Message-ID, size) -> UIDs; size -> UIDs without Message-ID; UID -> flags|keywords."""
+        self.s.select(name)
+        by_id: dict[tuple[str, int], list[int]] = {}
+        by_size: dict[int, list[int]] = {}
+        flags: dict[int, frozenset] = {}
+        meta = self.s.new_messages(1)
+        for uid, (size, mid) in self.s.message_ids(meta).items():
+            (by_id.setdefault((mid, size), []) if mid else by_size.setdefault(size, [])).append(uid)
+        for uid, (_size, fl, kw) in meta.items():
+            flags[uid] = fl | kw
+        return by_id, by_size, flags
+
+    def holds(self, index, data: bytes, mid: str) -> int | None:
+        """The destination UID already holding these bytes, if any (consumed from the index)."""
+        by_id, by_size, _ = index
+        size = len(data)
+        if mid:
+            uids = by_id.get((mid, size))
+            return uids.pop() if uids else None
+        cands = by_size.get(size, [])
+        if not cands:
+            return None
+        want = hashlib.sha256(data).hexdigest()
+        for uid, body, *_ in self.s.bodies(list(cands)):
+            if body is not None and hashlib.sha256(body).hexdigest() == want:
+                cands.remove(uid)
+                return uid
+        return None
+
+    def append(self, name: str, data: bytes, flags: frozenset[str], when: datetime | None) -> int | None:
+        """APPEND with throttling: max_bytes_per_second, and backoff when the server asks for it."""
+        limit = self.acc.max_bytes_per_second
+        if limit:
+            elapsed = time.monotonic() - self.window_start
+            ahead = self.last_bytes / limit - elapsed
+            if ahead > 0:
+                time.sleep(min(ahead, 60))
+        for attempt in range(6):
+            try:
+                uid = self.s.append(name, data, flags, when)
+                self.last_bytes += len(data)
+                crashpoint.hit("appended")
+                return uid
+            except ServerError as exc:
+                if not THROTTLE.search(str(exc)) or attempt == 5:
+                    raise
+                time.sleep(min(2 ** attempt, 60))
+        return None
+
+
+# ----------------------------------------------------------------------------- restore
+
+def detect_layout(root: Path) -> str:
+    """maildir++ when a dot-directory holds a folder; fs when a plain sub-directory does."""
+    fs = False
+    for p in root.iterdir():
+        if not p.is_dir() or p.name in ("cur", "new", "tmp"):
+            continue
+        if p.name.startswith("."):
+            if (p / "cur").is_dir() or (p / "new").is_dir():
+                return "maildir++"
+        else:
+            fs = True
+    return "fs" if fs else "maildir++"
+
+
+def restore(acc: Account, password: str, source: Path, *, layout: str | None = None,
+            utf8_names: bool | None = None, progress: Progress = lambda e, d: None) -> TransferReport:
+    """Upload a Maildir (made by mailsync or any Maildir, either layout) to acc."""
+    t0 = time.monotonic()
+    if not source.is_dir():
+        raise StorageError(f"{source} is not a directory", hint="give the backup's Maildir with --from")
+    layout = layout or detect_layout(source)
+    utf8 = (layout == "fs") if utf8_names is None else utf8_names
+    found, bad = local_folders(source, layout, utf8)
+    report = TransferReport()
+    s = ImapSession(acc, password)
+    try:
+        dst = Destination(acc, s)
+        for parts in sorted(found):
+            name = "INBOX" if parts == ("INBOX",) else dst.delim.join(parts)
+            res = CopyResult(name=name, target=name)
+            report.folders.append(res)
+            if not selected(name, acc.folders):
+                continue
+            ft = time.monotonic()
+            mf = MaildirFolder(found[parts])
+            files = mf.scan()
+            dst.ensure(name)
+            index = dst.index(name)
+            progress("folder_start", {"folder": name, "messages": len(files), "bytes": 0})
+            for key, (sub, fname) in sorted(files.items()):
+                path = found[parts] / sub / fname
+                try:
+                    raw = path.read_bytes()
+                    mtime = path.stat().st_mtime
+                except OSError as exc:
+                    res.failed += 1
+                    res.errors.append(f"{path}: {exc.strerror}")
+                    continue
+                data = crlf(raw)
+                mid = message_id(raw)
+                if dst.holds(index, data, mid) is not None:
+                    res.present += 1
+                    continue
+                fl, kw = mf.flags_of(fname)
+                dst.append(name, data, fl | kw, datetime.fromtimestamp(mtime, timezone.utc))
+                res.copied += 1
+                res.bytes += len(data)
+                progress("message", {"folder": name, "bytes": len(data)})
+            res.seconds = time.monotonic() - ft
+        for p in bad:
+            report.folders.append(CopyResult(name=str(p), errors=["directory name is not a valid folder name"]))
+    finally:
+        s.close()
+    report.seconds = time.monotonic() - t0
+    return report
+
+
+# ----------------------------------------------------------------------------- migrate
+
+def _state_path(src: Account, dst: Account) -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return Path(base) / "mailsync" / f"migrate-{src.name}-to-{dst.name}.db"
+
+
+class CopyState:
+    """source (folder, UIDVALIDITY, UID) -> destination (folder, UID), committed per message."""
+
+    def __init__(self, path: Path) -> None:
+        os.makedirs(path.parent, mode=0o700, exist_ok=True)
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+        self.db = sqlite3.connect(path, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("CREATE TABLE IF NOT EXISTS copies (src_folder TEXT, src_validity INTEGER, src_uid INTEGER,"
+                        " dst_folder TEXT, dst_uid INTEGER, PRIMARY KEY (src_folder, src_validity, src_uid))")
+
+    def known(self, folder: str, validity: int) -> dict[int, tuple[str, int | None]]:
+        return {r[0]: (r[1], r[2]) for r in self.db.execute(
+            "SELECT src_uid, dst_folder, dst_uid FROM copies WHERE src_folder=? AND src_validity=?", (folder, validity))}
+
+    def add(self, folder: str, validity: int, uid: int, dst_folder: str, dst_uid: int | None) -> None:
+        self.db.execute("INSERT OR REPLACE INTO copies VALUES (?,?,?,?,?)", (folder, validity, uid, dst_folder, dst_uid))
+
+    def drop(self, folder: str, validity: int, uids) -> None:
+        self.db.executemany("DELETE FROM copies WHERE src_folder=? AND src_validity=? AND src_uid=?",
+                            [(folder, validity, u) for u in uids])
+
+
+def target_name(src_folder: FolderInfo, dst: Destination, folder_map: dict[str, str], src_special: dict[str, str]) -> str:
+    if src_folder.name in folder_map:
+        return folder_map[src_folder.name]
+    if src_folder.name.upper() == "INBOX":
+        return "INBOX"
+    for flag, name in src_special.items():
+        if name == src_folder.name and flag in dst.special:
+            return dst.special[flag]
+    return dst.delim.join(src_folder.parts)
+
+
+def migrate(src_acc: Account, dst_acc: Account, src_pw: str, dst_pw: str, *, delete: bool = False,
+            force: bool = False, progress: Progress = lambda e, d: None) -> TransferReport:
+    from mailsync.plan import deletion_guard
+    from mailsync.model import SyncPlan
+
+    t0 = time.monotonic()
+    report = TransferReport()
+    state = CopyState(_state_path(src_acc, dst_acc))
+    src = ImapSession(src_acc, src_pw)
+    try:
+        d = ImapSession(dst_acc, dst_pw)
+        try:
+            dst = Destination(dst_acc, d)
+            src_folders = [f for f in src.list_folders() if selected(f.name, src_acc.folders)]
+            src_special: dict[str, str] = {}
+            for f in src_folders:
+                for flag in f.flags:
+                    if flag in SPECIAL and flag not in src_special:
+                        src_special[flag] = f.name
+            for flag, names in COMMON_NAMES.items():
+                if flag not in src_special:
+                    hit = next((f.name for f in src_folders if f.name.lower() in names), None)
+                    if hit:
+                        src_special[flag] = hit
+            for f in sorted(src_folders, key=lambda f: (f.name.upper() != "INBOX", f.name)):
+                name = target_name(f, dst, src_acc.folder_map or dst_acc.folder_map or {}, src_special)
+                res = CopyResult(name=f.name, target=name)
+                report.folders.append(res)
+                ft = time.monotonic()
+                try:
+                    _migrate_folder(src, dst, state, f, name, res, src_acc, delete, force, progress,
+                                    deletion_guard, SyncPlan)
+                except ServerError as exc:
+                    res.errors.append(str(exc))
+                res.seconds = time.monotonic() - ft
+        finally:
+            d.close()
+    finally:
+        src.close()
+        state.db.close()
+    report.seconds = time.monotonic() - t0
+    return report
+
+
+def _migrate_folder(src, dst, state, f, name, res, src_acc, delete, force, progress, deletion_guard, SyncPlan):
+    sel = src.examine(f.name)
+    validity = sel["uidvalidity"]
+    known = state.known(f.name, validity)
+    meta = src.new_messages(1)                       # uid -> (size, flags, keywords)
+    dst.ensure(name)
+    by_id, by_size, dst_flags = dst.index(name)
+    # 1. flags of messages copied before: the source wins
+    changes: dict[frozenset, list[int]] = {}
+    for uid, (dfolder, duid) in known.items():
+        if uid in meta and duid is not None and dfolder == name and duid in dst_flags:
+            want = meta[uid][1] | meta[uid][2]
+            if dst_flags[duid] != want:
+                changes.setdefault(want, []).append(duid)
+    for want, duids in changes.items():
+        dst.s.store_flags(duids, want, None)
+        res.flags_updated += len(duids)
+    # 2. --delete: what is gone from the source goes from the destination too (guarded)
+    gone = [u for u in known if u not in meta]
+    if delete and gone:
+        doomed = [known[u][1] for u in gone if known[u][1] in dst_flags and known[u][0] == name]
+        why = deletion_guard(SyncPlan(delete_remote=tuple(doomed)), len(dst_flags), src_acc.max_delete)
+        if why and not force:
+            res.errors.append(f"{why} on the destination; nothing deleted (use --force)")
+        elif doomed:
+            dst.s.store(doomed, frozenset({"\\Deleted"}), frozenset(), None)
+            dst.s.expunge(doomed)
+            state.drop(f.name, validity, gone)
+            res.deleted += len(doomed)
+    # 3. copy what the destination does not hold yet
+    todo = [u for u in sorted(meta) if u not in known]
+    res.present += len(meta) - len(todo)
+    if not todo:
+        return
+    ids = src.message_ids(todo)
+    sizes = {u: meta[u][0] for u in todo}
+    progress("folder_start", {"folder": f.name, "messages": len(todo), "bytes": sum(sizes.values())})
+    for batch in batches(sizes, todo, src_acc.batch_bytes):
+        for uid, body, fl, kw, when in list(src.bodies(batch)):
+            if body is None:
+                continue  # expunged on the source meanwhile
+            mid = ids.get(uid, (0, ""))[1]
+            have = dst.holds((by_id, by_size, dst_flags), body, mid)
+            if have is not None:
+                state.add(f.name, validity, uid, name, have)
+                res.present += 1
+                continue
+            try:
+                duid = dst.append(name, body, fl | kw, when)
+            except ServerError as exc:
+                res.failed += 1
+                res.errors.append(f"UID {uid}: {exc}")
+                continue
+            state.add(f.name, validity, uid, name, duid)
+            res.copied += 1
+            res.bytes += len(body)
+            progress("message", {"folder": f.name, "bytes": len(body)})

@@ -1,0 +1,133 @@
+"""migrate (server to server) and restore (Maildir to server) between two users of the real Dovecot."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests import corpus
+from tests.helpers import MailUser, msg, sha
+
+
+@pytest.fixture
+def pair(user, dovecot, tmp_path):
+    """user = the source; dst = a second, empty account that names its Sent folder "Sent Items"."""
+    dst = MailUser.create(dovecot, f"{user.name}d", tmp_path / "dst")
+    c = dst.imap()
+    c.create_folder("Sent Items")
+    c.logout()
+    src_cfg = user.write_config().read_text()
+    dst_cfg = src_cfg.replace("[accounts.test]", "[accounts.dst]").replace(user.name, dst.name)
+    dst_cfg = dst_cfg.replace('password_env = "MAILSYNC_TEST_PASSWORD"', 'password_env = "DST_PASSWORD"')
+    user.config.write_text(src_cfg + "\n" + dst_cfg)
+    user.dst = dst
+    return user
+
+
+def fill(u):
+    u.append("INBOX", [msg(1), msg(2)], flags=[b"\\Seen"])
+    u.append("INBOX", [msg(3)], flags=[b"\\Flagged", b"$Work"])
+    u.append("Sent", [msg(4)], flags=[b"\\Seen"])
+    u.append("Archive/2024", [msg(5), msg(6)])
+    u.append("Entwürfe", [msg(7)], flags=[b"\\Draft"])
+    u.server.seed(u.name, "INBOX", corpus.MALFORMED[:4], start=50)
+
+
+def content(u, mapping=None):
+    """folder -> sorted (sha, flags) for the whole account, folder names mapped."""
+    out = {}
+    for folder, msgs in u.server_messages().items():
+        name = (mapping or {}).get(folder, folder)
+        out[name] = sorted((sha(b), tuple(sorted(f))) for b, f in msgs.values())
+    return {k: v for k, v in out.items() if v}
+
+
+def internaldates(u, folder):
+    c = u.imap()
+    c.select_folder(folder, readonly=True)
+    uids = c.search("ALL")
+    got = sorted((sha(d[b"BODY[]"]), d[b"INTERNALDATE"].timestamp())
+                 for d in c.fetch(uids, [b"BODY.PEEK[]", b"INTERNALDATE"]).values()) if uids else []
+    c.logout()
+    return got
+
+
+def migrate(u, *args):
+    r = u.run("migrate", "test", "dst", "--json", *args, env=u.env(DST_PASSWORD=u.dst.password,
+                                                                     XDG_STATE_HOME=str(u.tmp / "state")))
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def test_migrate_copies_everything_with_flags_dates_and_special_folders(pair):
+    fill(pair)
+    s = migrate(pair)
+    assert s["totals"]["copied"] == 11 and s["totals"]["failed"] == 0
+    assert content(pair.dst) == content(pair, {"Sent": "Sent Items"})
+    assert internaldates(pair.dst, "INBOX") == internaldates(pair, "INBOX")
+    # a second run copies nothing
+    s = migrate(pair)
+    assert s["totals"]["copied"] == 0 and s["totals"]["present"] == 11
+    # and flags changed on the source follow (the source wins)
+    c = pair.imap()
+    c.select_folder("Archive/2024")
+    c.add_flags([1], [b"\\Answered"])
+    c.logout()
+    s = migrate(pair)
+    assert s["totals"]["flags_updated"] == 1
+    assert content(pair.dst) == content(pair, {"Sent": "Sent Items"})
+
+
+def test_migrate_killed_then_rerun_copies_each_message_once(pair):
+    fill(pair)
+    env = pair.env(DST_PASSWORD=pair.dst.password, XDG_STATE_HOME=str(pair.tmp / "state"),
+                   MAILSYNC_CRASH_AT="appended:5")
+    r = pair.run("migrate", "test", "dst", env=env)
+    assert r.returncode == 137, r.stderr
+    s = migrate(pair)
+    assert s["totals"]["copied"] == 6
+    assert content(pair.dst) == content(pair, {"Sent": "Sent Items"})
+
+
+def test_message_already_on_destination_is_not_duplicated(pair):
+    fill(pair)
+    pair.dst.append("INBOX", [msg(1), corpus.MALFORMED[2]])  # copied by hand before (one without Message-ID)
+    s = migrate(pair)
+    assert s["totals"]["present"] == 2 and s["totals"]["copied"] == 9
+    dst_inbox = [b for b, _ in pair.dst.server_messages()["INBOX"].values()]
+    assert len(dst_inbox) == len(set(dst_inbox)) == 7
+
+
+def test_restore_a_backup_into_an_empty_account(pair):
+    fill(pair)
+    assert pair.run("sync", "test").returncode == 0  # the backup
+    env = pair.env(DST_PASSWORD=pair.dst.password)
+    r = pair.run("restore", "dst", "--from", str(pair.maildir), "--json", env=env)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["totals"]["copied"] == 11
+    want = content(pair)
+    want["Sent Items"] = []  # created empty by the fixture
+    got = content(pair.dst)
+    assert {k: v for k, v in got.items() if v} == {k: v for k, v in want.items() if v}
+    assert internaldates(pair.dst, "INBOX") == internaldates(pair, "INBOX")
+    # again: nothing uploaded twice
+    r = pair.run("restore", "dst", "--from", str(pair.maildir), "--json", env=env)
+    assert json.loads(r.stdout)["totals"]["copied"] == 0
+
+
+def test_restore_of_an_fs_layout_maildir_with_lf_files(pair, tmp_path):
+    root = tmp_path / "fsmail"
+    for d in ("cur", "new", "tmp"):
+        (root / d).mkdir(parents=True)
+        (root / "Projects" / "Été" / d).mkdir(parents=True)
+    (root / "cur" / "1.a.host:2,S").write_bytes(b"Subject: one\nMessage-ID: <one@x>\n\nbody\n")
+    (root / "Projects" / "Été" / "new" / "2.b.host:2,").write_bytes(b"Subject: two\n\nno id\n")
+    env = pair.env(DST_PASSWORD=pair.dst.password)
+    r = pair.run("restore", "dst", "--from", str(root), "--json", env=env)
+    assert r.returncode == 0, r.stderr
+    srv = pair.dst.server_messages()
+    assert [b for b, _ in srv["INBOX"].values()] == [b"Subject: one\r\nMessage-ID: <one@x>\r\n\r\nbody\r\n"]
+    assert [b for b, _ in srv["Projects/Été"].values()] == [b"Subject: two\r\n\r\nno id\r\n"]
+    r = pair.run("restore", "dst", "--from", str(root), "--json", env=env)
+    assert json.loads(r.stdout)["totals"]["copied"] == 0
