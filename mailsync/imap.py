@@ -329,6 +329,25 @@ class ImapSession:
                 return int(m.group(2))
         return None
 
+    def multiappend(self, folder: str, items: list[tuple[bytes, frozenset[str], datetime | None]]) -> list[int | None]:
+        """APPEND several messages in one command (MULTIAPPEND, RFC 3502: all or none); returns
+        their new UIDs in order where the server says them (UIDPLUS), else Nones."""
+        msgs = [{"msg": data, "flags": sorted(flags), **({"date": when} if when else {})}
+                for data, flags, when in items]
+        resp = self._call(self.client.multiappend, folder, msgs)
+        if isinstance(resp, tuple):  # (typ, [text])
+            resp = b" ".join(x for x in resp[1] if isinstance(x, bytes))
+        if "UIDPLUS" in self.caps and isinstance(resp, bytes):
+            m = re.search(rb"\[APPENDUID (\d+) ([0-9:,]+)\]", resp)
+            if m:
+                uids: list[int] = []
+                for part in m.group(2).decode().split(","):
+                    lo, _, hi = part.partition(":")
+                    uids.extend(range(int(lo), int(hi or lo) + 1))
+                if len(uids) == len(items):
+                    return uids
+        return [None] * len(items)
+
     def search_message_id(self, mid: str) -> list[int]:
         if not mid:
             return []

@@ -139,24 +139,31 @@ class Destination:
         return None
 
     def append(self, name: str, data: bytes, flags: frozenset[str], when: datetime | None) -> int | None:
-        """APPEND with throttling: max_bytes_per_second, and backoff when the server asks for it."""
+        return self.append_many(name, [(data, flags, when)])[0]
+
+    def append_many(self, name: str, items: list[tuple[bytes, frozenset[str], datetime | None]]) -> list[int | None]:
+        """APPEND (one MULTIAPPEND where offered) with throttling: max_bytes_per_second, and
+        backoff when the server says [THROTTLED] or "try again"."""
+        size = sum(len(d) for d, _, _ in items)
         limit = self.acc.max_bytes_per_second
         if limit:
-            elapsed = time.monotonic() - self.window_start
-            ahead = self.last_bytes / limit - elapsed
+            ahead = (self.last_bytes + size) / limit - (time.monotonic() - self.window_start)
             if ahead > 0:
                 time.sleep(min(ahead, 60))
         for attempt in range(6):
             try:
-                uid = self.s.append(name, data, flags, when)
-                self.last_bytes += len(data)
+                if len(items) > 1 and "MULTIAPPEND" in self.s.caps:
+                    uids = self.s.multiappend(name, items)
+                else:
+                    uids = [self.s.append(name, d, f, w) for d, f, w in items]
+                self.last_bytes += size
                 crashpoint.hit("appended")
-                return uid
+                return uids
             except ServerError as exc:
                 if not THROTTLE.search(str(exc)) or attempt == 5:
                     raise
                 time.sleep(min(2 ** attempt, 60))
-        return None
+        return [None] * len(items)
 
 
 # ----------------------------------------------------------------------------- restore
@@ -249,6 +256,9 @@ class CopyState:
     def known(self, folder: str, validity: int) -> dict[int, tuple[str, int | None]]:
         return {r[0]: (r[1], r[2]) for r in self.db.execute(
             "SELECT src_uid, dst_folder, dst_uid FROM copies WHERE src_folder=? AND src_validity=?", (folder, validity))}
+
+    def tx(self):
+        return self.db  # sqlite3 connection as a context manager: one transaction
 
     def add(self, folder: str, validity: int, uid: int, dst_folder: str, dst_uid: int | None) -> None:
         self.db.execute("INSERT OR REPLACE INTO copies VALUES (?,?,?,?,?)", (folder, validity, uid, dst_folder, dst_uid))
@@ -350,7 +360,8 @@ def _migrate_folder(src, dst, state, f, name, res, src_acc, delete, force, progr
     ids = src.message_ids(todo)
     sizes = {u: meta[u][0] for u in todo}
     progress("folder_start", {"folder": f.name, "messages": len(todo), "bytes": sum(sizes.values())})
-    for batch in batches(sizes, todo, src_acc.batch_bytes):
+    for batch in batches(sizes, todo, src_acc.batch_bytes, max_count=200):
+        send: list[tuple[int, bytes, frozenset[str], datetime | None]] = []
         for uid, body, fl, kw, when in list(src.bodies(batch)):
             if body is None:
                 continue  # expunged on the source meanwhile
@@ -360,13 +371,30 @@ def _migrate_folder(src, dst, state, f, name, res, src_acc, delete, force, progr
                 state.add(f.name, validity, uid, name, have)
                 res.present += 1
                 continue
-            try:
-                duid = dst.append(name, body, fl | kw, when)
-            except ServerError as exc:
+            send.append((uid, body, fl | kw, when))
+        if not send:
+            continue
+        try:
+            duids = dst.append_many(name, [(b, fl, w) for _, b, fl, w in send])
+        except ServerError as exc:
+            if len(send) == 1:
                 res.failed += 1
-                res.errors.append(f"UID {uid}: {exc}")
+                res.errors.append(f"UID {send[0][0]}: {exc}")
                 continue
-            state.add(f.name, validity, uid, name, duid)
-            res.copied += 1
-            res.bytes += len(body)
-            progress("message", {"folder": f.name, "bytes": len(body)})
+            # one message the server refuses must not fail the others: one by one
+            duids = []
+            for uid, body, fl, when in send:
+                try:
+                    duids.append(dst.append(name, body, fl, when))
+                except ServerError as exc1:
+                    duids.append(False)
+                    res.failed += 1
+                    res.errors.append(f"UID {uid}: {exc1}")
+        with state.tx():
+            for (uid, body, _fl, _w), duid in zip(send, duids, strict=True):
+                if duid is False:
+                    continue
+                state.add(f.name, validity, uid, name, duid)
+                res.copied += 1
+                res.bytes += len(body)
+                progress("message", {"folder": f.name, "bytes": len(body)})

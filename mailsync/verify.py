@@ -1,0 +1,609 @@
+"""`mailsync verify`: prove that the Maildir backup of an IMAP account is complete and intact.
+
+Read-only on both sides: folders are opened with EXAMINE, bodies fetched with BODY.PEEK, the
+state is opened read-only (SQLite mode=ro, no migration) and never written, and nothing in the
+Maildir is created, renamed or removed. The run lock is taken, so a sync cannot change the backup
+while it is being checked.
+
+For every selected folder (the same selection and directory mapping as a sync) the server, the
+state and the files are compared:
+
+  missing          a message on the server with no state record, or whose file is not on disk
+  hash mismatch    a file whose SHA-256 differs from the one the state recorded (always re-hashed)
+  size mismatch    the server's RFC822.SIZE differs from the state's size for that UID
+  UIDVALIDITY      the server's differs from the state's: the folder must be synced first
+  deep mismatch    (deep=True) the server's bytes differ from the local file
+  lost             gone from the server and its file is gone from the backup too (an error in
+                   backup mode, where that file was the only copy; a warning in sync mode, where
+                   removing a local file is the user's own decision)
+  flag difference  the server's flags/keywords differ from the file name's  -- a warning
+  extra file       a file in the folder that no state record names           -- a warning
+  kept             gone from the server, kept in the backup                  -- counted, fine
+
+Flag differences are warnings, not failures: flags change whenever mail is read, and they are
+metadata the next sync brings over; what verify proves is that every message is there, intact.
+Extra files are warnings too: they are not part of the backup, and lose nothing.
+
+`VerifyReport.exit_code` is 0 when the backup is proven, EXIT_DAMAGED (11, "backup incomplete or
+damaged") otherwise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mailsync.config import Account
+from mailsync.errors import ConfigError, ConnectionLost, MailsyncError, ServerError, StorageError
+from mailsync.folders import map_paths, selected
+from mailsync.imap import FolderInfo, ImapSession, crlf
+from mailsync.maildir import MaildirFolder
+from mailsync.model import Record
+from mailsync.plan import batches
+from mailsync.state import DB_NAME, SCHEMA_VERSION, RunLock, State, _row_record
+
+Progress = Callable[[str, dict], None]
+
+EXIT_OK = 0
+EXIT_DAMAGED = 11  # backup incomplete or damaged
+
+
+class BackupIncomplete(MailsyncError):
+    """There is no backup to verify (exit code 11: backup incomplete or damaged)."""
+
+    exit_code = EXIT_DAMAGED
+
+
+def _quiet(event: str, data: dict) -> None:
+    pass
+
+
+# ----------------------------------------------------------------------------- the report
+
+@dataclass
+class Problem:
+    """One message (or file) verify has something to say about."""
+
+    uid: int | None     # the server UID (None for a file no state record names)
+    file: str | None    # path relative to the account's Maildir (for a missing file: dir/key)
+    detail: str
+
+    def to_json(self) -> dict:
+        return {"uid": self.uid, "file": self.file, "detail": self.detail}
+
+    def line(self, label: str) -> str:
+        who = [f"UID {self.uid}"] if self.uid is not None else []
+        if self.file:
+            who.append(self.file)
+        return f"{label}: {', '.join(who) or '?'}: {self.detail}"
+
+
+# (attribute, label in text(), error?)  -- "lost" depends on the mode, see FolderReport.ok
+_ERRORS = (("missing", "missing"), ("hash_mismatches", "hash mismatch"), ("size_mismatches", "size mismatch"),
+           ("deep_mismatches", "content mismatch"))
+_WARNINGS = (("flag_differences", "warning: flags differ"), ("extra", "warning: extra file"))
+
+
+@dataclass
+class FolderReport:
+    name: str
+    path: str = ""                  # relative to the Maildir ("." for INBOX)
+    on_server: bool = True          # False: a folder the state knows that the server no longer lists
+    server_messages: int = 0
+    local_files: int = 0
+    state_records: int = 0          # records of the current UIDVALIDITY
+    uidvalidity_server: int | None = None
+    uidvalidity_state: int | None = None
+    deep_checked: int = 0           # bodies fetched and compared (deep mode)
+    unhashed: int = 0               # files whose record has no SHA-256 (only --deep can check them)
+    error: str = ""                 # the folder could not be verified, or its UIDVALIDITY changed
+    lost_is_error: bool = True      # backup mode: a lost message is damage; sync mode: a warning
+    missing: list[Problem] = field(default_factory=list)
+    hash_mismatches: list[Problem] = field(default_factory=list)
+    size_mismatches: list[Problem] = field(default_factory=list)
+    deep_mismatches: list[Problem] = field(default_factory=list)
+    lost: list[Problem] = field(default_factory=list)
+    flag_differences: list[Problem] = field(default_factory=list)
+    extra: list[Problem] = field(default_factory=list)
+    kept: list[Problem] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def problems(self) -> int:
+        n = sum(len(getattr(self, a)) for a, _ in _ERRORS) + (1 if self.error else 0)
+        return n + (len(self.lost) if self.lost_is_error else 0)
+
+    @property
+    def warnings(self) -> int:
+        return sum(len(getattr(self, a)) for a, _ in _WARNINGS) + (0 if self.lost_is_error else len(self.lost))
+
+    @property
+    def ok(self) -> bool:
+        return self.problems == 0
+
+    def to_json(self) -> dict:
+        out = {
+            "name": self.name, "path": self.path, "on_server": self.on_server, "ok": self.ok,
+            "error": self.error or None,
+            "counts": {"server_messages": self.server_messages, "local_files": self.local_files,
+                       "state_records": self.state_records, "kept": len(self.kept),
+                       "deep_checked": self.deep_checked, "unhashed": self.unhashed},
+            "uidvalidity": {"server": self.uidvalidity_server, "state": self.uidvalidity_state},
+            "lost_is_error": self.lost_is_error,
+            "notes": list(self.notes),
+        }
+        for attr in ("missing", "hash_mismatches", "size_mismatches", "deep_mismatches", "lost",
+                     "flag_differences", "extra", "kept"):
+            out[attr] = [p.to_json() for p in getattr(self, attr)]
+        return out
+
+    def text_lines(self) -> list[str]:
+        counts = [f"{self.server_messages} on server" if self.on_server else "gone from the server",
+                  f"{self.local_files} files", f"{self.state_records} in state"]
+        if self.kept:
+            counts.append(f"{len(self.kept)} kept after removal from the server")
+        if self.deep_checked:
+            counts.append(f"{self.deep_checked} compared with the server")
+        head = "ok" if self.ok else f"{self.problems} problem{'s' if self.problems != 1 else ''}"
+        if self.warnings:
+            head += f", {self.warnings} warning{'s' if self.warnings != 1 else ''}"
+        lines = [f"{self.name}: {head} ({', '.join(counts)})"]
+        if self.error:
+            lines.append(f"  error: {self.error}")
+        for attr, label in _ERRORS:
+            lines += [f"  {p.line(label)}" for p in getattr(self, attr)]
+        label = "lost" if self.lost_is_error else "warning: lost"
+        lines += [f"  {p.line(label)}" for p in self.lost]
+        for attr, label in _WARNINGS:
+            lines += [f"  {p.line(label)}" for p in getattr(self, attr)]
+        lines += [f"  note: {n}" for n in self.notes]
+        return lines
+
+
+@dataclass
+class VerifyReport:
+    account: str
+    maildir: str
+    deep: bool = False
+    folders: list[FolderReport] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        """True when no folder has missing messages, hash, size or content mismatches, a
+        UIDVALIDITY problem or an error (flag differences and extra files are warnings)."""
+        return all(f.ok for f in self.folders)
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_OK if self.ok else EXIT_DAMAGED
+
+    def to_json(self) -> dict:
+        fs = self.folders
+        return {
+            "account": self.account,
+            "maildir": self.maildir,
+            "deep": self.deep,
+            "ok": self.ok,
+            "exit_code": self.exit_code,
+            "seconds": round(self.seconds, 3),
+            "folders": [f.to_json() for f in fs],
+            "totals": {
+                "folders": len(fs),
+                "failed_folders": sum(1 for f in fs if not f.ok),
+                "problems": sum(f.problems for f in fs),
+                "warnings": sum(f.warnings for f in fs),
+                "server_messages": sum(f.server_messages for f in fs),
+                "local_files": sum(f.local_files for f in fs),
+                "state_records": sum(f.state_records for f in fs),
+                "kept": sum(len(f.kept) for f in fs),
+                "deep_checked": sum(f.deep_checked for f in fs),
+                **{a: sum(len(getattr(f, a)) for f in fs)
+                   for a in ("missing", "hash_mismatches", "size_mismatches", "deep_mismatches", "lost",
+                             "flag_differences", "extra")},
+            },
+        }
+
+    def text(self) -> str:
+        lines: list[str] = []
+        for f in self.folders:
+            lines += f.text_lines()
+        fs = self.folders
+        what = f"{len(fs)} folder{'s' if len(fs) != 1 else ''}"
+        if self.deep:
+            what += f", {sum(f.deep_checked for f in fs)} messages compared with the server"
+        if self.ok:
+            warn = sum(f.warnings for f in fs)
+            lines.append(f"{self.account}: backup verified: {what}"
+                         + (f" ({warn} warning{'s' if warn != 1 else ''})" if warn else ""))
+        else:
+            bad = [f for f in fs if not f.ok]
+            n = sum(f.problems for f in bad)
+            lines.append(f"{self.account}: backup incomplete or damaged: {n} problem{'s' if n != 1 else ''} "
+                         f"in {len(bad)} of {what}")
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- the state, read-only
+
+class _ReadOnlyState(State):
+    """The state opened read-only: no file created, no migration, no WAL switch. The read
+    methods are State's own."""
+
+    def __init__(self, root: Path) -> None:  # noqa: super().__init__ would create and migrate
+        self.path = root / DB_NAME
+        self._lock = threading.RLock()
+        if not self.path.is_file():
+            raise BackupIncomplete(f"no backup state in {root} ({DB_NAME} not found)",
+                                   hint="run `mailsync sync` for this account first")
+        try:
+            self.db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True,
+                                      check_same_thread=False, isolation_level=None, timeout=30)
+            self.db.row_factory = sqlite3.Row
+            version = self.db.execute("PRAGMA user_version").fetchone()[0]
+        except sqlite3.DatabaseError as exc:
+            raise StorageError(f"state file {self.path} is unreadable: {exc}") from None
+        if version > SCHEMA_VERSION:
+            self.db.close()
+            raise StorageError(f"state file {self.path} is from a newer mailsync (schema {version})",
+                               hint="upgrade mailsync")
+        if version < 1:
+            self.db.close()
+            raise BackupIncomplete(f"state file {self.path} holds no backup yet",
+                                   hint="run `mailsync sync` for this account first")
+
+    def all_records(self, fid: int) -> list[tuple[int, Record]]:
+        """(uidvalidity, record) of every message of a folder, whatever its UIDVALIDITY."""
+        with self._lock:
+            rows = self.db.execute("SELECT * FROM messages WHERE folder_id=?", (fid,)).fetchall()
+        return [(r["uidvalidity"], _row_record(r)) for r in rows]
+
+
+# ----------------------------------------------------------------------------- checking one folder
+
+class _Stopped(Exception):
+    pass
+
+
+def _digest(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _wire_digest(path: Path) -> str | None:
+    """SHA-256 of the file as it is on the server when it was uploaded with LF line ends
+    (IMAP stores CRLF), or None when the file already is in that form."""
+    data = path.read_bytes()
+    wire = crlf(data)
+    return hashlib.sha256(wire).hexdigest() if wire != data else None
+
+
+def _flagtext(flags) -> str:
+    return " ".join(sorted(flags)) or "(none)"
+
+
+@dataclass
+class _Folder:
+    """What is needed to verify one folder."""
+
+    name: str
+    path: Path
+    row: object            # the state's folder row, or None
+    info: FolderInfo | None  # None: the server no longer lists the folder
+
+
+class _Checker:
+    def __init__(self, acc: Account, state: _ReadOnlyState, deep: bool, progress: Progress,
+                 stop: threading.Event) -> None:
+        self.acc, self.state, self.deep, self.progress, self.stop = acc, state, deep, progress, stop
+
+    def rel(self, path: Path) -> str:
+        try:
+            return str(path.relative_to(self.acc.maildir))
+        except ValueError:
+            return str(path)
+
+    def folder(self, job: _Folder, s: ImapSession | None) -> FolderReport:
+        acc = self.acc
+        rep = FolderReport(name=job.name, path=self.rel(job.path) if job.path != acc.maildir else ".",
+                           on_server=job.info is not None, lost_is_error=acc.mode != "sync")
+        row = job.row
+        fid = row["id"] if row is not None else None
+        rep.uidvalidity_state = state_v = row["uidvalidity"] if row is not None else None
+
+        # the server side first (a folder gone from the server is checked locally only)
+        server: dict[int, tuple[int, frozenset[str], frozenset[str]]] = {}
+        server_ok = job.info is not None
+        if job.info is not None:
+            sel = s.examine(job.name)
+            rep.uidvalidity_server = server_v = sel.get("uidvalidity")
+            server = s.new_messages(1)
+            rep.server_messages = len(server)
+            if state_v is not None and server_v != state_v:
+                rep.error = (f"UIDVALIDITY is {server_v} on the server but {state_v} in the state: the server "
+                             "renumbered this folder; run a sync first (it re-matches the messages without "
+                             "downloading them again), then verify")
+                server_ok = False
+            elif state_v is None:
+                rep.notes.append("the folder's first sync has not finished" if fid is not None
+                                 else "the folder has never been backed up")
+        else:
+            rep.notes.append("the folder is gone from the server; its backup is kept "
+                             "(folder deletions never propagate)")
+        validity = state_v if state_v is not None else rep.uidvalidity_server
+
+        # the local side: files, and the state's records of every UIDVALIDITY
+        mf = MaildirFolder(job.path)
+        on_disk = mf.scan()
+        in_tmp = mf.tmp_keys()
+        rep.local_files = len(on_disk)
+        allrecs = self.state.all_records(fid) if fid is not None else []
+        current = {rec.uid: rec for v, rec in allrecs if v == validity}
+        rep.state_records = len(current)
+        named = {rec.key for _, rec in allrecs}
+
+        def where(key: str) -> str:
+            if key in on_disk:
+                sub, name = on_disk[key]
+                return self.rel(job.path / sub / name)
+            return self.rel(job.path / key)
+
+        # re-hash every file a record names
+        local_sha: dict[str, str] = {}
+        bad: set[str] = set()  # unreadable or not matching the state
+        for v, rec in sorted(allrecs, key=lambda t: (t[0] != validity, t[1].uid)):
+            if rec.key not in on_disk or rec.key in local_sha or rec.key in bad:
+                continue
+            if self.stop.is_set():
+                raise _Stopped()
+            sub, name = on_disk[rec.key]
+            uid = rec.uid if v == validity else None
+            old = "" if v == validity else f" (UID {rec.uid} of the old UIDVALIDITY {v})"
+            try:
+                local_sha[rec.key] = got = _digest(job.path / sub / name)
+            except OSError as exc:
+                bad.add(rec.key)
+                rep.hash_mismatches.append(Problem(uid, where(rec.key), f"cannot read the file: "
+                                                   f"{exc.strerror or exc}{old}"))
+                continue
+            if not rec.sha256:
+                rep.unhashed += 1
+            elif got != rec.sha256:
+                bad.add(rec.key)
+                rep.hash_mismatches.append(Problem(
+                    uid, where(rec.key), f"the file's SHA-256 {got[:16]}... differs from the state's "
+                    f"{rec.sha256[:16]}... (corrupted or changed){old}"))
+        if rep.unhashed:
+            rep.notes.append(f"{rep.unhashed} files have no checksum in the state (paired by Message-ID "
+                             "in sync mode); only --deep checks their content")
+
+        def lost_or_kept(uid: int | None, rec: Record, why: str) -> None:
+            if rec.key in on_disk:
+                rep.kept.append(Problem(uid, where(rec.key), why + "; kept in the backup"))
+            else:
+                rep.lost.append(Problem(uid, where(rec.key), why + ", and its file is missing from the backup"))
+
+        def missing_file(uid: int, rec: Record) -> None:
+            detail = "its file is missing from the backup"
+            if rec.key in in_tmp:
+                detail += " (it is still in tmp/ after an interrupted run; the next sync delivers it)"
+            rep.missing.append(Problem(uid, where(rec.key), detail))
+
+        # server <-> state <-> files
+        if server_ok:
+            uidnext = row["uidnext"] if row is not None and state_v is not None else None
+            kw_map = mf.kw
+            for uid, (size, fl, kw) in sorted(server.items()):
+                rec = current.get(uid)
+                if rec is None:
+                    why = ("new on the server since the last sync" if uidnext and uid >= uidnext
+                           else "not in the backup (no state record)")
+                    rep.missing.append(Problem(uid, None, why))
+                    continue
+                if rec.key not in on_disk:
+                    missing_file(uid, rec)
+                    continue
+                sub, name = on_disk[rec.key]
+                if size != rec.size and not self._same_on_the_wire(job.path / sub / name, rec, size,
+                                                                    local_sha.get(rec.key)):
+                    rep.size_mismatches.append(Problem(
+                        uid, where(rec.key), f"the server has {size} bytes, the state {rec.size}"))
+                f_fl, f_kw = mf.flags_of(name)
+                hidden = rec.keywords - kw_map.representable(rec.keywords)  # >26 keywords: state only
+                local = f_fl | f_kw | hidden
+                remote = fl | kw
+                if local != remote:
+                    base = rec.flags | rec.keywords
+                    side = (" (changed on the server since the last sync)" if local == base
+                            else " (changed locally since the last sync)" if remote == base else "")
+                    rep.flag_differences.append(Problem(
+                        uid, where(rec.key), f"server {_flagtext(remote)}, file {_flagtext(local)}{side}"))
+            for uid, rec in sorted(current.items()):
+                if uid not in server:
+                    lost_or_kept(uid, rec, "gone from the server" if not rec.on_server
+                                 else "expunged on the server since the last sync")
+        else:
+            for uid, rec in sorted(current.items()):
+                if not rec.on_server or job.info is None:
+                    lost_or_kept(uid, rec, "gone from the server")
+                elif rec.key not in on_disk:
+                    missing_file(uid, rec)
+        for v, rec in sorted(allrecs, key=lambda t: (t[0], t[1].uid)):
+            if v != validity:
+                lost_or_kept(None, rec, f"UID {rec.uid} of the old UIDVALIDITY {v}, gone from the server")
+
+        for key, (sub, name) in sorted(on_disk.items()):
+            if key not in named:
+                rep.extra.append(Problem(None, self.rel(job.path / sub / name),
+                                         "no state record names this file (put there by hand or another "
+                                         "program, or not yet uploaded by a sync); not part of the backup"))
+
+        if self.deep and server_ok:
+            self._deep(job, s, rep, server, current, on_disk, local_sha, bad, where)
+        return rep
+
+    @staticmethod
+    def _same_on_the_wire(path: Path, rec: Record, server_size: int, sha: str | None) -> bool:
+        """A file uploaded with LF line ends: the state has its size, the server its CRLF size."""
+        if sha is None or not rec.sha256 or sha != rec.sha256:
+            return False
+        try:
+            return len(crlf(path.read_bytes())) == server_size
+        except OSError:
+            return False
+
+    def _deep(self, job: _Folder, s: ImapSession, rep: FolderReport, server, current, on_disk,
+              local_sha: dict[str, str], bad: set[str], where) -> None:
+        todo = [uid for uid in sorted(server)
+                if uid in current and current[uid].key in local_sha]
+        if not todo:
+            return
+        sizes = {uid: server[uid][0] for uid in todo}
+        self.progress("folder_start", {"folder": job.name, "messages": len(todo),
+                                       "bytes": sum(sizes.values())})
+        vanished = 0
+        for batch in batches(sizes, todo, self.acc.batch_bytes):
+            if self.stop.is_set():
+                raise _Stopped()
+            for uid, body, *_ in s.bodies(batch):
+                if body is None:
+                    vanished += 1  # expunged by another client meanwhile
+                    continue
+                self.progress("message", {"folder": job.name, "bytes": len(body)})
+                rep.deep_checked += 1
+                key = current[uid].key
+                got = hashlib.sha256(body).hexdigest()
+                if got == local_sha[key]:
+                    continue
+                sub, name = on_disk[key]
+                try:
+                    wire = _wire_digest(job.path / sub / name)
+                except OSError:
+                    wire = None
+                if got == wire:
+                    continue
+                rep.deep_mismatches.append(Problem(
+                    uid, where(key), f"the server's copy (SHA-256 {got[:16]}..., {len(body)} bytes) differs "
+                    f"from the file (SHA-256 {local_sha[key][:16]}...)"))
+        if vanished:
+            rep.notes.append(f"{vanished} messages were expunged on the server during the check")
+
+
+# ----------------------------------------------------------------------------- the run
+
+def verify(acc: Account, password: str, *, deep: bool = False, progress: Progress = _quiet) -> VerifyReport:
+    """Check the backup of acc against its server (and, with deep, every body byte for byte).
+
+    Raises for whole-run failures (login, TLS, lock, no backup at all); a folder that cannot be
+    checked is reported as failed in the report."""
+    if acc.protocol != "imap":
+        raise ConfigError(f"[accounts.{acc.name}] verify checks IMAP backups; this account uses "
+                          f"{acc.protocol}", hint="verify an IMAP account")
+    started = time.monotonic()
+    root = acc.maildir
+    if not root.is_dir() or not (root / DB_NAME).is_file():
+        raise BackupIncomplete(f"no backup in {root}", hint=f"run `mailsync sync {acc.name}` first")
+    report = VerifyReport(account=acc.name, maildir=str(root), deep=deep)
+    with RunLock(root):
+        state = _ReadOnlyState(root)
+        try:
+            session = ImapSession(acc, password)
+            from mailsync.engine import _Pool  # the engine's connection pool, shared sessions
+            pool = _Pool(acc, password, acc.connections, session)
+            try:
+                _run(acc, state, pool, session, report, deep, progress)
+            finally:
+                pool.close()
+        finally:
+            state.close()
+    report.seconds = time.monotonic() - started
+    return report
+
+
+def _run(acc: Account, state: _ReadOnlyState, pool, session: ImapSession, report: VerifyReport,
+         deep: bool, progress: Progress) -> None:
+    listed = session.list_folders()
+    infos = [f for f in listed if selected(f.name, acc.folders)]
+    paths, collisions = map_paths(infos, acc.maildir, acc.layout, acc.utf8_names)
+    rows = {row["name"]: row for row in state.folders()}
+    jobs = [_Folder(f.name, paths[f.name], rows.get(f.name), f) for f in infos if f.name in paths]
+    jobs.sort(key=lambda j: (j.path != acc.maildir, j.name))
+    on_server = {f.name for f in listed}
+    # folders the state has backed up that the server no longer lists: their backup is checked too
+    gone = [_Folder(name, acc.maildir if row["path"] == "." else acc.maildir / row["path"], row, None)
+            for name, row in sorted(rows.items())
+            if name not in on_server and row["uidvalidity"] is not None and selected(name, acc.folders)]
+    progress("folders", {"count": len(jobs) + len(gone) + len(collisions)})
+    stop = threading.Event()
+    checker = _Checker(acc, state, deep, progress, stop)
+
+    def one(job: _Folder) -> FolderReport:
+        rep = _with_retries(acc, pool, checker, job, stop)
+        progress("verify_folder_done", {"result": rep})
+        return rep
+
+    if len(jobs) <= 1 or acc.connections == 1:
+        results = [one(j) for j in jobs]
+    else:
+        ex = ThreadPoolExecutor(max_workers=min(acc.connections, len(jobs)))
+        try:
+            results = list(ex.map(one, jobs))
+        except BaseException:
+            stop.set()  # Ctrl-C: workers stop at their next file or batch
+            ex.shutdown(wait=True, cancel_futures=True)
+            raise
+        ex.shutdown()
+    report.folders.extend(results)
+    for name, why in collisions.items():
+        report.folders.append(FolderReport(name=name, error=why))
+    for job in gone:
+        try:
+            rep = checker.folder(job, None)
+        except StorageError as exc:
+            rep = FolderReport(name=job.name, on_server=False, error=str(exc))
+        progress("verify_folder_done", {"result": rep})
+        report.folders.append(rep)
+
+
+def _with_retries(acc: Account, pool, checker: _Checker, job: _Folder, stop: threading.Event) -> FolderReport:
+    attempt = 0
+    while True:
+        if stop.is_set():
+            return FolderReport(name=job.name, error="interrupted")
+        try:
+            session = pool.take()
+        except ConnectionLost as exc:
+            err: MailsyncError = exc
+        except MailsyncError as exc:
+            return FolderReport(name=job.name, error=str(exc))
+        else:
+            try:
+                rep = checker.folder(job, session)
+                pool.give(session)
+                return rep
+            except _Stopped:
+                pool.give(session)
+                return FolderReport(name=job.name, error="interrupted")
+            except ServerError as exc:  # e.g. the folder was deleted meanwhile
+                pool.give(session)
+                return FolderReport(name=job.name, error=str(exc))
+            except ConnectionLost as exc:
+                pool.drop(session)
+                err = exc
+            except StorageError as exc:  # a folder directory that cannot be read
+                pool.give(session)
+                return FolderReport(name=job.name, error=str(exc))
+            except BaseException:
+                pool.give(session)
+                raise
+        attempt += 1
+        if attempt > acc.retries:
+            return FolderReport(name=job.name, error=str(err))
+        time.sleep(min(2 ** (attempt - 1), 30))
