@@ -131,3 +131,21 @@ def test_restore_of_an_fs_layout_maildir_with_lf_files(pair, tmp_path):
     assert [b for b, _ in srv["Projects/Été"].values()] == [b"Subject: two\r\n\r\nno id\r\n"]
     r = pair.run("restore", "dst", "--from", str(root), "--json", env=env)
     assert json.loads(r.stdout)["totals"]["copied"] == 0
+
+
+def test_migrate_honours_max_bytes_per_second(pair):
+    import time
+    pair.append("INBOX", [msg(i, body="z" * 10_000) for i in range(4)])  # about 40 KB
+    text = pair.config.read_text().replace("[accounts.dst]", "[accounts.dst]\nmax_bytes_per_second = 16384")
+    pair.config.write_text(text)
+    t0 = time.monotonic()
+    s = migrate(pair)
+    assert s["totals"]["copied"] == 4
+    assert time.monotonic() - t0 >= 2.0  # 40 KB at 16 KB/s
+
+
+def test_migrate_keeps_dates_in_every_folder(pair):
+    fill(pair)
+    migrate(pair)
+    for folder, target in (("Archive/2024", "Archive/2024"), ("Sent", "Sent Items"), ("Entwürfe", "Entwürfe")):
+        assert internaldates(pair.dst, target) == internaldates(pair, folder)
