@@ -258,8 +258,10 @@ def _transfer_out(report, as_json: bool, quiet: bool) -> None:
             typer.echo(f"mailsync: error: {f.name}: {e}", err=True)
     if not as_json and not quiet:
         typer.echo(report.line())
-    if any(f.errors or f.failed for f in report.folders):
-        raise typer.Exit(PartialFailure.exit_code)
+    bad = [f for f in report.folders if f.errors or f.failed]
+    if bad:
+        guard_only = all(f.guarded and not f.failed and len(f.errors) == 1 for f in bad)
+        raise typer.Exit(SafetyAbort.exit_code if guard_only else PartialFailure.exit_code)
 
 
 @app.command()

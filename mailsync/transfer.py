@@ -56,6 +56,7 @@ class CopyResult:
     bytes: int = 0
     seconds: float = 0.0
     errors: list[str] = field(default_factory=list)
+    guarded: bool = False  # the deletion guard stopped --delete here
 
 
 @dataclass
@@ -347,6 +348,7 @@ def _migrate_folder(src, dst, state, f, name, res, src_acc, delete, force, progr
         why = deletion_guard(SyncPlan(delete_remote=tuple(doomed)), len(dst_flags), src_acc.max_delete)
         if why and not force:
             res.errors.append(f"{why} on the destination; nothing deleted (use --force)")
+            res.guarded = True
         elif doomed:
             dst.s.store(doomed, frozenset({"\\Deleted"}), frozenset(), None)
             dst.s.expunge(doomed)

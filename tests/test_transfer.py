@@ -149,3 +149,28 @@ def test_migrate_keeps_dates_in_every_folder(pair):
     migrate(pair)
     for folder, target in (("Archive/2024", "Archive/2024"), ("Sent", "Sent Items"), ("Entwürfe", "Entwürfe")):
         assert internaldates(pair.dst, target) == internaldates(pair, folder)
+
+
+def test_migrate_delete_removes_what_is_gone_from_the_source_guarded(pair):
+    pair.append("Work", [msg(i) for i in range(1, 21)])
+    migrate(pair)
+    c = pair.imap()
+    c.select_folder("Work")
+    c.delete_messages([1])
+    c.expunge()
+    c.logout()
+    s = migrate(pair)  # without --delete nothing goes
+    assert s["totals"]["deleted"] == 0 and len(pair.dst.server_messages()["Work"]) == 20
+    s = migrate(pair, "--delete")
+    assert s["totals"]["deleted"] == 1 and len(pair.dst.server_messages()["Work"]) == 19
+    c = pair.imap()
+    c.select_folder("Work")
+    c.delete_messages(list(range(2, 12)))
+    c.expunge()
+    c.logout()
+    r = pair.run("migrate", "test", "dst", "--delete", env=pair.env(DST_PASSWORD=pair.dst.password,
+                                                                      XDG_STATE_HOME=str(pair.tmp / "state")))
+    assert r.returncode == 10 and "would delete 10 of 19" in r.stderr and "--force" in r.stderr
+    assert len(pair.dst.server_messages()["Work"]) == 19
+    s = migrate(pair, "--delete", "--force")
+    assert s["totals"]["deleted"] == 10 and len(pair.dst.server_messages()["Work"]) == 9
