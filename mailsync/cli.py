@@ -223,6 +223,9 @@ def check(
         except ConfigError:
             if target in _maybe_accounts(config):
                 raise
+        bare = ":" not in target and "." not in target and target != "localhost"
+        if cfg is not None and bare and target not in cfg.accounts:
+            cfg.account(target)  # an account name with a typo: say so (with a suggestion)
         if cfg is not None and target in cfg.accounts:
             acc = cfg.account(target)
             from mailsync import secrets

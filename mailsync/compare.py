@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from mailsync.config import Account
-from mailsync.errors import ConfigError
+from mailsync.errors import ConfigError, PartialFailure
 from mailsync.imap import message_id
 
 
@@ -63,10 +63,10 @@ def compare(imap_acc: Account, pop_acc: Account, imap_pw: str, pop_pw: str, *, k
         t = time.monotonic()
         pop3.download(pa, pop_pw)
         pop_again = time.monotonic() - t
-        for r in (r1, p1):
+        for r in (r1, r2, p1):
             bad = [f for f in r.folders if f.error]
             if bad:
-                raise bad[0]._fatal if hasattr(bad[0], "_fatal") else ConfigError(f"{bad[0].name}: {bad[0].error}")
+                raise PartialFailure(f"compare: {r.account}: {bad[0].name}: {bad[0].error}")
 
         imap_all = _digest(_files(ia.maildir, inbox_only=False))
         imap_inbox = _digest(_files(ia.maildir, inbox_only=True))

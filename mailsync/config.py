@@ -237,6 +237,9 @@ def _account(name: str, sec, path: Path, warnings: list[str]) -> Account:
     mms = sec.get("max_message_size")
     if mms is not None and mms < 1:
         raise ConfigError(f"{where}: 'max_message_size' must be a positive number of bytes")
+    if mms is not None and protocol != "pop3":
+        raise ConfigError(f"{where}: 'max_message_size' applies to protocol = \"pop3\" only",
+                          hint="an IMAP backup never skips a message")
 
     fmap = sec.get("folder_map")
     if fmap is not None and not all(isinstance(k, str) and isinstance(v, str) and v for k, v in fmap.items()):

@@ -96,10 +96,13 @@ class Pop3Session:
         try:
             _, lines, _ = self.pop.uidl()
         except poplib.error_proto:
-            out = {}
-            for n, size in sizes.items():
+            out: dict[int, str] = {}
+            seen: dict[str, int] = {}
+            for n, size in sorted(sizes.items()):
                 head = self.raw("TOP %d 0" % n)
-                out[n] = f"hdr:{hashlib.sha256(head).hexdigest()}:{size}"
+                ident = f"hdr:{hashlib.sha256(head).hexdigest()}:{size}"
+                seen[ident] = seen.get(ident, 0) + 1
+                out[n] = ident if seen[ident] == 1 else f"{ident}:{seen[ident]}"  # identical twins
             return out, False
         except (OSError, EOFError) as exc:
             raise ConnectionLost(f"connection to {self.where} lost: {_text(exc)}") from None
@@ -156,6 +159,9 @@ def download(acc: Account, password: str, *, progress: Progress = lambda e, d: N
                     _download(acc, password, state, res, progress, stop)
                     res.error = ""
                     break
+                except ServerError as exc:  # a refused command: retrying will not help
+                    res.error = str(exc)
+                    break
                 except ConnectionLost as exc:
                     res.error = str(exc)
                     res._lost = True  # type: ignore[attr-defined]
@@ -164,9 +170,6 @@ def download(acc: Account, password: str, *, progress: Progress = lambda e, d: N
                     delay = min(2 ** attempt, 30)
                     progress("retry", {"folder": "INBOX", "error": str(exc), "delay": delay})
                     time.sleep(delay)
-                except ServerError as exc:
-                    res.error = str(exc)
-                    break
         finally:
             state.close()
     res.seconds = result.seconds = time.monotonic() - started
@@ -221,19 +224,32 @@ def _download(acc: Account, password: str, state: State, res: FolderResult, prog
         for uidl, row in known.items():
             if uidl not in present and row["key"] in on_disk:
                 orphans.setdefault(row["sha256"], []).append(uidl)
-        gone = [u for u, row in known.items() if u not in present and row["on_server"]]
+        # files no state row names (a lost state file, a Maildir filled by another tool): adopted
+        # when a download has the same bytes, instead of stored twice
+        strays: dict[str, list[str]] = {}
+        if todo:
+            for key in on_disk.keys() - known_keys:
+                try:
+                    data = mf.read(on_disk[key])
+                except OSError:
+                    continue
+                strays.setdefault(hashlib.sha256(data).hexdigest(), []).append(key)
+        rebound: set[str] = set()
         progress("folder_start", {"folder": "INBOX", "messages": len(todo),
                                   "bytes": sum(sizes.get(n, 0) for n in todo)})
         for batch in batches(sizes, todo, acc.batch_bytes):
             if stop.is_set():
                 raise KeyboardInterrupt
-            staged, rebinds, got = [], [], 0
+            staged, rebinds, adopted, got = [], [], [], 0
             try:
                 for n in batch:
                     body = s.retr(n)
                     sha = hashlib.sha256(body).hexdigest()
                     if orphans.get(sha) and n not in refetch:
                         rebinds.append((orphans[sha].pop(), ids[n]))
+                        continue
+                    if strays.get(sha):
+                        adopted.append((strays[sha].pop(), ids[n], body, sha))
                         continue
                     key = mf.stage(body, None)
                     staged.append((key, ids[n], body, sha))
@@ -251,6 +267,9 @@ def _download(acc: Account, password: str, state: State, res: FolderResult, prog
                     tx.pop3_add(uidl, key, len(body), sha, message_id(body), now)
                 for old, new in rebinds:
                     tx.pop3_rebind(old, new)
+                    rebound.add(old)
+                for key, uidl, body, sha in adopted:
+                    tx.pop3_add(uidl, key, len(body), sha, message_id(body), now)
             crashpoint.hit("recorded")
             for key, *_ in staged:
                 on_disk[key] = ("new", mf.publish(key, frozenset()))
@@ -258,8 +277,9 @@ def _download(acc: Account, password: str, state: State, res: FolderResult, prog
             mf.sync_dirs()
             res.new += sum(1 for _k, uidl, _b, _s in staged if known.get(uidl) is None)
             res.refetched += sum(1 for _k, uidl, _b, _s in staged if known.get(uidl) is not None)
-            res.rebound += len(rebinds)
+            res.rebound += len(rebinds) + len(adopted)
             res.bytes += got
+        gone = [u for u, row in known.items() if u not in present and row["on_server"] and u not in rebound]
         if gone:
             with state.transaction() as tx:
                 tx.pop3_gone(gone)

@@ -161,3 +161,13 @@ def test_compare_imap_and_pop3_of_one_mailbox(user):
     assert not user.maildir.exists()
     r = user.run("compare", "test", "pop")
     assert r.returncode == 0 and "flags kept" in r.stdout and "re-run" in r.stdout
+
+
+def test_lost_state_file_adopts_existing_files(pu):
+    msgs = seed(pu, n=3)
+    run(pu)
+    for p in pu.maildir.glob(".mailsync.db*"):
+        p.unlink()
+    s = run(pu)
+    assert s["totals"]["new"] == 0
+    assert sorted(local_files(pu.maildir).values()) == sorted(msgs)
