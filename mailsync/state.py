@@ -278,16 +278,24 @@ class _Tx:
         return self.state
 
     def __exit__(self, et, ev, tb) -> None:
+        db = self.state.db
         try:
             if et is None:
                 try:
-                    self.state.db.execute("COMMIT")
-                except sqlite3.OperationalError as exc:
-                    self.state.db.execute("ROLLBACK")
-                    raise StorageError(f"cannot write state {self.state.path}: {exc}",
-                                       hint="free disk space and run again; nothing was lost") from None
-            else:
-                self.state.db.execute("ROLLBACK")
+                    db.execute("COMMIT")
+                    return
+                except sqlite3.Error as exc:
+                    ev = exc
+            if db.in_transaction:
+                try:
+                    db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+            if isinstance(ev, sqlite3.Error):
+                full = "full" in str(ev).lower()
+                raise StorageError(f"cannot write state {self.state.path}: {ev}",
+                                   hint="free disk space and run again; nothing was lost" if full
+                                   else "check the disk and the file's permissions") from None
         finally:
             self.state._lock.release()
 
