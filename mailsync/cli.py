@@ -253,6 +253,37 @@ def _maybe_accounts(config: Optional[Path]) -> set[str]:
     return set(re.findall(r"^\s*\[accounts\.([^\]]+)\]", text, re.M))
 
 
+@app.command()
+def verify(
+    account: str = typer.Argument(..., help="The IMAP account whose backup to check."),
+    deep: bool = typer.Option(False, "--deep", help="Re-fetch and hash every message on the server."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only problems."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Config file."),
+    debug: bool = typer.Option(False, "--debug", help="Log and show tracebacks."),
+) -> None:
+    """Prove a backup: counts, missing and extra files, corrupted files, flag differences."""
+    debug = _setup(config, debug)
+    try:
+        cfg = config_mod.load(config or _opts.get("config"))
+        acc = cfg.account(account)
+        if acc.protocol != "imap":
+            raise ConfigError(f"[accounts.{acc.name}] verify needs an IMAP account")
+        from mailsync import secrets
+        from mailsync import verify as ver
+        report = ver.verify(acc, secrets.password(acc), deep=deep)
+    except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001
+        if isinstance(exc, KeyboardInterrupt):
+            raise typer.Exit(130) from None
+        _fail(exc, debug)
+        return
+    if as_json:
+        typer.echo(json.dumps(report.to_json(), indent=2, ensure_ascii=False))
+    elif not (quiet and report.ok):
+        typer.echo(report.text())
+    raise typer.Exit(report.exit_code)
+
+
 def _transfer_out(report, as_json: bool, quiet: bool) -> None:
     if as_json:
         typer.echo(json.dumps(report.to_json(), indent=2, ensure_ascii=False))

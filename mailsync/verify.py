@@ -31,7 +31,6 @@ damaged") otherwise.
 from __future__ import annotations
 
 import hashlib
-import os
 import sqlite3
 import threading
 import time
@@ -237,7 +236,7 @@ class _ReadOnlyState(State):
     """The state opened read-only: no file created, no migration, no WAL switch. The read
     methods are State's own."""
 
-    def __init__(self, root: Path) -> None:  # noqa: super().__init__ would create and migrate
+    def __init__(self, root: Path) -> None:  # not super().__init__: it creates and migrates
         self.path = root / DB_NAME
         self._lock = threading.RLock()
         if not self.path.is_file():
@@ -357,9 +356,9 @@ class _Checker:
 
         # re-hash every file a record names
         local_sha: dict[str, str] = {}
-        bad: set[str] = set()  # unreadable or not matching the state
+        unreadable: set[str] = set()
         for v, rec in sorted(allrecs, key=lambda t: (t[0] != validity, t[1].uid)):
-            if rec.key not in on_disk or rec.key in local_sha or rec.key in bad:
+            if rec.key not in on_disk or rec.key in local_sha or rec.key in unreadable:
                 continue
             if self.stop.is_set():
                 raise _Stopped()
@@ -369,14 +368,13 @@ class _Checker:
             try:
                 local_sha[rec.key] = got = _digest(job.path / sub / name)
             except OSError as exc:
-                bad.add(rec.key)
+                unreadable.add(rec.key)
                 rep.hash_mismatches.append(Problem(uid, where(rec.key), f"cannot read the file: "
                                                    f"{exc.strerror or exc}{old}"))
                 continue
             if not rec.sha256:
                 rep.unhashed += 1
             elif got != rec.sha256:
-                bad.add(rec.key)
                 rep.hash_mismatches.append(Problem(
                     uid, where(rec.key), f"the file's SHA-256 {got[:16]}... differs from the state's "
                     f"{rec.sha256[:16]}... (corrupted or changed){old}"))
@@ -446,7 +444,7 @@ class _Checker:
                                          "program, or not yet uploaded by a sync); not part of the backup"))
 
         if self.deep and server_ok:
-            self._deep(job, s, rep, server, current, on_disk, local_sha, bad, where)
+            self._deep(job, s, rep, server, current, on_disk, local_sha, where)
         return rep
 
     @staticmethod
@@ -455,12 +453,15 @@ class _Checker:
         if sha is None or not rec.sha256 or sha != rec.sha256:
             return False
         try:
-            return len(crlf(path.read_bytes())) == server_size
+            data = path.read_bytes()
         except OSError:
             return False
+        wire = crlf(data)
+        return wire != data and rec.size == len(data) and len(wire) == server_size
 
     def _deep(self, job: _Folder, s: ImapSession, rep: FolderReport, server, current, on_disk,
-              local_sha: dict[str, str], bad: set[str], where) -> None:
+              local_sha: dict[str, str], where) -> None:
+        """Every server message whose file could be read: its bytes against the file's."""
         todo = [uid for uid in sorted(server)
                 if uid in current and current[uid].key in local_sha]
         if not todo:
