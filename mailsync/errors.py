@@ -12,6 +12,7 @@ Exit codes (documented in docs/exit-codes.md):
   8  local storage error (disk full, permission denied, unreadable state)
   9  some folders failed, the others were synced
   10 the deletion guard stopped a folder (run with --force if the deletions are right)
+  11 verify: the backup is incomplete or damaged (the report names each message)
 """
 
 from __future__ import annotations

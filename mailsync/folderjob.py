@@ -352,11 +352,13 @@ class FolderJob:
         if not cands or not plan.fetch:
             return plan
         local_ids: dict[tuple[str, int], list[str]] = {}
+        local_meta: dict[str, tuple[int, str]] = {}
         for k in cands:
             try:
                 data = self.mf.read(self.on_disk[k])
             except OSError:
                 continue
+            local_meta[k] = (len(data), hashlib.sha256(data).hexdigest())
             mid = message_id(data)
             if mid:
                 local_ids.setdefault((mid, len(crlf(data))), []).append(k)
@@ -380,8 +382,9 @@ class FolderJob:
                     fl, kw = split_flags(merged)
                     self._retag(key, fl, kw)
                     tx.forget_key(self.fid, key)
+                    size, sha = local_meta[key]
                     tx.add(self.fid, self.validity, Record(uid=uid, key=key, flags=fl, keywords=kw,
-                                                           size=self.new_full.get(uid, (0,))[0]), None)
+                                                           size=size, sha256=sha), None)
                 self.mf.sync_dirs()
         self.res.rebound += len(pairs)
         uids = {u for u, _ in pairs}

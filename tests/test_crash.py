@@ -67,7 +67,10 @@ def test_sigkill_at_a_random_moment_then_rerun(user, delay):
 def test_ctrl_c_stops_promptly_and_a_rerun_completes(user):
     seed(user)
     p = user.popen("sync", "test")
-    time.sleep(0.4)
+    deadline = time.monotonic() + 20
+    while not (user.maildir / ".mailsync.db").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)  # the run has started (and Python installed its Ctrl-C handler)
+    time.sleep(0.1)
     t0 = time.monotonic()
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=30)
