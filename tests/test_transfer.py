@@ -174,3 +174,33 @@ def test_migrate_delete_removes_what_is_gone_from_the_source_guarded(pair):
     assert len(pair.dst.server_messages()["Work"]) == 19
     s = migrate(pair, "--delete", "--force")
     assert s["totals"]["deleted"] == 10 and len(pair.dst.server_messages()["Work"]) == 9
+
+
+def test_throttled_server_is_waited_for_not_failed(monkeypatch):
+    """A provider answering NO [THROTTLED] gets backoff and the same APPEND again (fault
+    injection at the session boundary: the one thing a local Dovecot cannot be made to say)."""
+    from pathlib import Path
+
+    from mailsync import transfer
+    from mailsync.config import parse
+    from mailsync.errors import ServerError
+
+    class ThrottlingSession:
+        caps = {"MULTIAPPEND", "UIDPLUS"}
+
+        def __init__(self):
+            self.calls = 0
+
+        def multiappend(self, folder, items):
+            self.calls += 1
+            if self.calls < 3:
+                raise ServerError("127.0.0.1:993 refused a command: [THROTTLED] Too many requests, try again")
+            return [10, 11]
+
+    sleeps = []
+    monkeypatch.setattr(transfer.time, "sleep", sleeps.append)
+    acc = parse({"accounts": {"d": {"host": "h", "username": "u", "maildir": "/tmp/x"}}}, Path("/x")).account("d")
+    dst = transfer.Destination.__new__(transfer.Destination)
+    dst.acc, dst.s, dst.last_bytes, dst.window_start = acc, ThrottlingSession(), 0.0, 0.0
+    assert dst.append_many("INBOX", [(b"a", frozenset(), None), (b"b", frozenset(), None)]) == [10, 11]
+    assert dst.s.calls == 3 and sleeps == [1, 2]
