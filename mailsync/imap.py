@@ -80,6 +80,9 @@ def connect_errors(acc: Account, exc: BaseException) -> MailsyncError:
         pin = f'fingerprint = "sha256:{pretty_fingerprint(fp)}"' if fp else "fingerprint = \"sha256:...\""
         return TLSError(f"certificate of {where} not accepted ({why}); {shown}",
                         hint=f"if you trust it, add {pin} to [accounts.{acc.name}], or set ca_file")
+    if isinstance(exc, ssl.SSLEOFError) or "UNEXPECTED_EOF" in str(exc):
+        return ConnectError(f"{where} closed the connection during the TLS handshake",
+                            hint="the server may be overloaded or limiting connections; try again later")
     if isinstance(exc, ssl.SSLError):
         reason = getattr(exc, "reason", None) or str(exc)
         hint = "is this a plaintext port? IMAPS is usually 993, POP3S 995"
