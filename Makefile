@@ -9,7 +9,7 @@ SUDO    = $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 help:
 	@echo "make demo   - back up sample mail from a throwaway local Dovecot (installs what is missing)"
 	@echo "make test   - run the whole test suite (installs what is missing)"
-	@echo "make bench  - time a 10,000-message backup against the local Dovecot"
+	@echo "make bench  - benchmarks against the local Dovecot (mailsync vs mbsync, sync, POP3, migrate)"
 
 deps:
 	@if ! command -v dovecot >/dev/null 2>&1 && [ ! -x /usr/sbin/dovecot ] || ! command -v openssl >/dev/null 2>&1; then \
@@ -33,7 +33,12 @@ demo: deps venv
 	$(BIN)/python -m tests.demo
 
 bench: deps venv
-	$(BIN)/python -m bench.backup
+	@command -v mbsync >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq isync >/dev/null; }
+	$(BIN)/python -m bench.tools --messages 10000 --repeat 3
+	$(BIN)/python -m bench.backup --messages 10000 --mode sync
+	$(BIN)/python -m bench.protocols --messages 2000
+	$(BIN)/python -m bench.migrate --messages 5000
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache .hypothesis
