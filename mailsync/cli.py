@@ -173,6 +173,26 @@ def sync(
     raise typer.Exit(code)
 
 
+class _Errors:
+    """`with _Errors(debug):` around a command's work: errors become one line and an exit code."""
+
+    def __init__(self, debug: bool, interrupted: str = "mailsync: interrupted") -> None:
+        self.debug, self.interrupted = debug, interrupted
+
+    def __enter__(self) -> "_Errors":
+        return self
+
+    def __exit__(self, et, exc, tb) -> bool:
+        if exc is None or isinstance(exc, (typer.Exit, SystemExit)):
+            return False
+        if isinstance(exc, KeyboardInterrupt):
+            typer.echo(self.interrupted, err=True)
+            raise typer.Exit(130) from None
+        if isinstance(exc, Exception):
+            _fail(exc, self.debug)
+        return False
+
+
 def _setup(config: Optional[Path], debug: bool):
     debug = debug or _opts.get("debug", False)
     if debug:
@@ -191,17 +211,12 @@ def compare(
 ) -> None:
     """Download one mailbox over IMAP and over POP3 (into temporary Maildirs) and compare."""
     debug = _setup(config, debug)
-    try:
+    with _Errors(debug):
         cfg = config_mod.load(config or _opts.get("config"))
         ia, pa = cfg.account(imap_account), cfg.account(pop3_account)
         from mailsync import compare as cmp
         from mailsync import secrets
         d = cmp.compare(ia, pa, secrets.password(ia), secrets.password(pa), keep=keep)
-    except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001
-        if isinstance(exc, KeyboardInterrupt):
-            raise typer.Exit(130) from None
-        _fail(exc, debug)
-        return
     typer.echo(json.dumps(d, indent=2, ensure_ascii=False) if as_json else cmp.table(d))
 
 
@@ -216,7 +231,7 @@ def check(
     """Diagnose a connection step by step: DNS, TCP, TLS, certificate, greeting, login, latency."""
     debug = _setup(config, debug)
     from mailsync import check as chk
-    try:
+    with _Errors(debug):
         cfg = None
         try:
             cfg = config_mod.load(config or _opts.get("config"))
@@ -235,11 +250,6 @@ def check(
             t = chk.target_from_hostport(target, "pop3" if pop3 else "imap")
             password = None
         code = chk.run_check(t, password, ports=ports, emit=typer.echo)
-    except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001
-        if isinstance(exc, KeyboardInterrupt):
-            raise typer.Exit(130) from None
-        _fail(exc, debug)
-        return
     raise typer.Exit(code)
 
 
@@ -264,7 +274,7 @@ def verify(
 ) -> None:
     """Prove a backup: counts, missing and extra files, corrupted files, flag differences."""
     debug = _setup(config, debug)
-    try:
+    with _Errors(debug):
         cfg = config_mod.load(config or _opts.get("config"))
         acc = cfg.account(account)
         if acc.protocol != "imap":
@@ -272,11 +282,6 @@ def verify(
         from mailsync import secrets
         from mailsync import verify as ver
         report = ver.verify(acc, secrets.password(acc), deep=deep)
-    except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001
-        if isinstance(exc, KeyboardInterrupt):
-            raise typer.Exit(130) from None
-        _fail(exc, debug)
-        return
     if as_json:
         typer.echo(json.dumps(report.to_json(), indent=2, ensure_ascii=False))
     elif not (quiet and report.ok):
@@ -311,7 +316,7 @@ def migrate(
 ) -> None:
     """Copy every folder and message of SRC to DST, resumable and without duplicates."""
     debug = _setup(config, debug)
-    try:
+    with _Errors(debug, "mailsync: interrupted; run again to continue, nothing is copied twice"):
         cfg = config_mod.load(config or _opts.get("config"))
         sa, da = cfg.account(src), cfg.account(dst)
         for a in (sa, da):
@@ -325,12 +330,6 @@ def migrate(
         finally:
             if bars:
                 bars.close()
-    except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001
-        if isinstance(exc, KeyboardInterrupt):
-            typer.echo("mailsync: interrupted; run again to continue, nothing is copied twice", err=True)
-            raise typer.Exit(130) from None
-        _fail(exc, debug)
-        return
     _transfer_out(report, as_json, quiet)
 
 
@@ -346,7 +345,7 @@ def restore(
 ) -> None:
     """Upload a Maildir to ACCOUNT: folders, flags, dates; resumable and without duplicates."""
     debug = _setup(config, debug)
-    try:
+    with _Errors(debug, "mailsync: interrupted; run again to continue, nothing is uploaded twice"):
         if layout not in (None, "maildir++", "fs"):
             raise ConfigError(f"--layout must be maildir++ or fs, not {layout!r}")
         cfg = config_mod.load(config or _opts.get("config"))
@@ -361,12 +360,6 @@ def restore(
         finally:
             if bars:
                 bars.close()
-    except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001
-        if isinstance(exc, KeyboardInterrupt):
-            typer.echo("mailsync: interrupted; run again to continue, nothing is uploaded twice", err=True)
-            raise typer.Exit(130) from None
-        _fail(exc, debug)
-        return
     _transfer_out(report, as_json, quiet)
 
 

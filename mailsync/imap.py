@@ -210,7 +210,11 @@ class ImapSession:
         return {k.decode().lower(): int(v) for k, v in raw.items()}
 
     def examine(self, name: str) -> dict[str, int]:
-        raw = self._call(self.client.select_folder, name, readonly=True)
+        """EXAMINE (read-only SELECT): the folder's counters."""
+        return self.select(name, readonly=True)
+
+    def select(self, name: str, readonly: bool = False) -> dict[str, int]:
+        raw = self._call(self.client.select_folder, name, readonly=readonly)
         out = {}
         for k, v in raw.items():
             key = k.decode().lower() if isinstance(k, bytes) else str(k).lower()
@@ -238,15 +242,6 @@ class ImapSession:
         return self._call(run)
 
     # -- writing (two-way sync) ----------------------------------------------------------
-
-    def select(self, name: str) -> dict[str, int]:
-        raw = self._call(self.client.select_folder, name, readonly=False)
-        out = {}
-        for k, v in raw.items():
-            key = k.decode().lower() if isinstance(k, bytes) else str(k).lower()
-            if key in ("uidvalidity", "uidnext", "exists", "highestmodseq"):
-                out[key] = int(v[0] if isinstance(v, list) else v)
-        return out
 
     def select_qresync(self, name: str, uidvalidity: int, modseq: int, readonly: bool):
         """SELECT/EXAMINE name (QRESYNC (uidvalidity modseq)): the server answers with the flags
