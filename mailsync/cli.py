@@ -267,7 +267,7 @@ def _maybe_accounts(config: Optional[Path]) -> set[str]:
 def verify(
     account: str = typer.Argument(..., help="The IMAP account whose backup to check."),
     deep: bool = typer.Option(False, "--deep", help="Re-fetch and hash every message on the server."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only problems."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing when the backup is intact."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="Config file."),
     debug: bool = typer.Option(False, "--debug", help="Log and show tracebacks."),

@@ -1,11 +1,11 @@
 """Copying mail to an IMAP account: `migrate` (server to server) and `restore` (Maildir to server).
 
-Both are resumable and duplicate-free without trusting anything but the destination itself:
-before a folder is filled, the destination's messages are indexed by (Message-ID, size), and a
-message already there (copied before, by a run that was killed after its APPEND, or by hand) is
-skipped; messages without a Message-ID are compared by content among those of the same size.
-`migrate` also keeps a small state (source UIDVALIDITY/UID -> destination UID) so a re-run skips
-known messages without looking at them, and updates flags (the source wins).
+Both are resumable and duplicate-free: before a folder is filled, the destination's messages are
+indexed by (Message-ID, size), and a message already there (copied before, by a run that was
+killed after its APPEND, or by hand) is skipped; messages without a Message-ID are compared by
+content among those of the same size. `migrate` also keeps a small state (source
+UIDVALIDITY/UID -> destination UID) so a re-run skips known messages quickly, unless their copy is
+gone from the destination, and updates flags (the source wins).
 """
 
 from __future__ import annotations
@@ -205,8 +205,12 @@ def restore(acc: Account, password: str, source: Path, *, layout: str | None = N
             ft = time.monotonic()
             mf = MaildirFolder(found[parts])
             files = mf.scan()
-            dst.ensure(name)
-            index = dst.index(name)
+            try:
+                dst.ensure(name)
+                index = dst.index(name)
+            except ServerError as exc:
+                res.errors.append(str(exc))
+                continue
             progress("folder_start", {"folder": name, "messages": len(files), "bytes": 0})
             for key, (sub, fname) in sorted(files.items()):
                 path = found[parts] / sub / fname
@@ -223,7 +227,12 @@ def restore(acc: Account, password: str, source: Path, *, layout: str | None = N
                     res.present += 1
                     continue
                 fl, kw = mf.flags_of(fname)
-                dst.append(name, data, fl | kw, datetime.fromtimestamp(mtime, timezone.utc))
+                try:
+                    dst.append(name, data, fl | kw, datetime.fromtimestamp(mtime, timezone.utc))
+                except ServerError as exc:  # one refused message does not stop the others
+                    res.failed += 1
+                    res.errors.append(f"{path}: {exc}")
+                    continue
                 res.copied += 1
                 res.bytes += len(data)
                 progress("message", {"folder": name, "bytes": len(data)})
@@ -247,12 +256,17 @@ class CopyState:
     """source (folder, UIDVALIDITY, UID) -> destination (folder, UID), committed per message."""
 
     def __init__(self, path: Path) -> None:
-        os.makedirs(path.parent, mode=0o700, exist_ok=True)
-        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
-        self.db = sqlite3.connect(path, isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("CREATE TABLE IF NOT EXISTS copies (src_folder TEXT, src_validity INTEGER, src_uid INTEGER,"
-                        " dst_folder TEXT, dst_uid INTEGER, PRIMARY KEY (src_folder, src_validity, src_uid))")
+        try:
+            os.makedirs(path.parent, mode=0o700, exist_ok=True)
+            os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+            self.db = sqlite3.connect(path, isolation_level=None)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("CREATE TABLE IF NOT EXISTS copies (src_folder TEXT, src_validity INTEGER,"
+                            " src_uid INTEGER, dst_folder TEXT, dst_uid INTEGER,"
+                            " PRIMARY KEY (src_folder, src_validity, src_uid))")
+        except (OSError, sqlite3.Error) as exc:
+            raise StorageError(f"cannot open the migration state {path}: {exc}",
+                               hint="check that the directory is writable, or set XDG_STATE_HOME") from None
 
     def known(self, folder: str, validity: int) -> dict[int, tuple[str, int | None]]:
         return {r[0]: (r[1], r[2]) for r in self.db.execute(
@@ -331,6 +345,12 @@ def _migrate_folder(src, dst, state, f, name, res, src_acc, delete, force, progr
     meta = src.new_messages(1)                       # uid -> (size, flags, keywords)
     dst.ensure(name)
     by_id, by_size, dst_flags = dst.index(name)
+    # the record is a fast path, the destination the truth: a copy deleted there by hand, or a
+    # folder_map that changed, makes the message a candidate again
+    stale = [u for u, (dfolder, duid) in known.items()
+             if u in meta and (dfolder != name or (duid is not None and duid not in dst_flags))]
+    for u in stale:
+        del known[u]
     # 1. flags of messages copied before: the source wins
     changes: dict[frozenset, list[int]] = {}
     for uid, (dfolder, duid) in known.items():
@@ -351,9 +371,12 @@ def _migrate_folder(src, dst, state, f, name, res, src_acc, delete, force, progr
             res.guarded = True
         elif doomed:
             dst.s.store(doomed, frozenset({"\\Deleted"}), frozenset(), None)
-            dst.s.expunge(doomed)
-            state.drop(f.name, validity, gone)
-            res.deleted += len(doomed)
+            if dst.s.expunge(doomed):
+                state.drop(f.name, validity, gone)
+                res.deleted += len(doomed)
+            else:
+                res.errors.append("the destination lacks UIDPLUS and other messages are marked \\Deleted: "
+                                  "the copies are marked \\Deleted, not expunged; run again later")
     # 3. copy what the destination does not hold yet
     todo = [u for u in sorted(meta) if u not in known]
     res.present += len(meta) - len(todo)

@@ -204,3 +204,16 @@ def test_throttled_server_is_waited_for_not_failed(monkeypatch):
     dst.acc, dst.s, dst.last_bytes, dst.window_start = acc, ThrottlingSession(), 0.0, 0.0
     assert dst.append_many("INBOX", [(b"a", frozenset(), None), (b"b", frozenset(), None)]) == [10, 11]
     assert dst.s.calls == 3 and sleeps == [1, 2]
+
+
+def test_copy_deleted_on_destination_by_hand_is_copied_again(pair):
+    pair.append("INBOX", [msg(1), msg(2)])
+    migrate(pair)
+    c = pair.dst.imap()
+    c.select_folder("INBOX")
+    c.delete_messages([1])
+    c.expunge()
+    c.logout()
+    s = migrate(pair)
+    assert s["totals"]["copied"] == 1
+    assert sorted(sha(b) for b, _ in pair.dst.server_messages()["INBOX"].values()) == sorted([sha(msg(1)), sha(msg(2))])
