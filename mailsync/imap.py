@@ -101,6 +101,9 @@ def connect_errors(acc: Account, exc: BaseException) -> MailsyncError:
     if isinstance(exc, OSError):
         return ConnectError(f"cannot connect to {where}: {exc.strerror or exc}",
                             hint="check host, port and your network")
+    if isinstance(exc, imaplib.IMAP4.error) and not isinstance(exc, imaplib.IMAP4.abort):
+        return ConnectError(f"{where} did not greet like an IMAP server",
+                            hint=f"is this the right port? {usual} (the POP3S port answers with +OK)")
     if isinstance(exc, (imaplib.IMAP4.abort, EOFError)):
         return ConnectionLost(f"{where} closed the connection: {exc}",
                               hint=f"is this the right port? {usual}")

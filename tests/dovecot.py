@@ -54,6 +54,9 @@ class Dovecot:
     pop3s_port: int = 0
     extra_listeners: dict[str, int] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        self.root = Path(self.root).resolve()  # Dovecot reads paths relative to its own cwd
+
     @property
     def conf(self) -> Path:
         return self.root / "dovecot.conf"

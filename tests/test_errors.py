@@ -174,3 +174,11 @@ def test_non_ascii_password_logs_in(user, dovecot):
     (dovecot.root / "passwd.d" / u.name).write_text(f"{u.name}:{{PLAIN}}{u.password}::::::\n")
     r = u.run("sync", "test")
     assert r.returncode == 0, r.stderr
+
+
+def test_imap_account_pointed_at_the_pop3s_port(user):
+    user.write_config(port=user.server.pop3s_port)
+    one_line_error(user.run("sync", "test"), 5, "did not greet like an IMAP server", "993")
+    user.write_config('protocol = "pop3"', port=user.server.imaps_port)
+    r = user.run("sync", "test")
+    assert r.returncode in (5, 6) and "995" in r.stderr and "Traceback" not in r.stderr
