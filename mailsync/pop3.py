@@ -17,7 +17,7 @@ from collections.abc import Callable
 from mailsync import crashpoint
 from mailsync.config import Account
 from mailsync.engine import RunResult
-from mailsync.errors import AuthError, ConnectionLost, ServerError, TLSError
+from mailsync.errors import AuthError, ConnectError, ConnectionLost, ServerError, TLSError
 from mailsync.imap import connect_errors, fingerprint_hex, message_id, pretty_fingerprint, tls_context
 from mailsync.maildir import MaildirFolder, make_dirs
 from mailsync.model import FolderResult
@@ -38,8 +38,8 @@ class Pop3Session:
             if isinstance(exc, KeyboardInterrupt):
                 raise
             if isinstance(exc, poplib.error_proto):
-                exc = ConnectionLost(f"{self.where} did not greet like a POP3 server: {_text(exc)}",
-                                     hint="is this a POP3S port? POP3S is usually 995")
+                exc = ConnectError(f"{self.where} did not greet like a POP3 server: {_text(exc)}",
+                                   hint="is this a POP3S port? POP3S is usually 995 (the IMAPS port answers * OK)")
             raise connect_errors(acc, exc) from None
         try:
             if acc.fingerprint:
