@@ -16,6 +16,7 @@ PROTOCOLS = ("imap", "pop3")
 MODES = ("backup", "sync", "mirror")
 LAYOUTS = ("maildir++", "fs")
 DEFAULT_PORTS = {"imap": 993, "pop3": 995}
+STARTTLS_PORTS = {"imap": 143, "pop3": 110}
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,7 @@ class Account:
     create: str = "both"
     delete_after_days: float | None = None  # POP3: DELE what is safely stored and this old
     max_message_size: int | None = None     # POP3: skip (with a notice) anything bigger
+    starttls: bool = False                  # plaintext port, then STARTTLS (required)
     folder_map: dict | None = None          # migrate: source folder -> destination folder
     max_bytes_per_second: int | None = None  # migrate/restore: upload rate limit
     source: Path | None = None  # the config file it came from
@@ -94,6 +96,7 @@ _KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "delete_after_days": ((int, float), "a number of days"),
     "max_message_size": ((int,), "a number of bytes"),
     "folder_map": ((dict,), 'a table like { "Sent Items" = "Sent" }'),
+    "starttls": ((bool,), "true or false"),
     "max_bytes_per_second": ((int,), "a number of bytes per second"),
 }
 
@@ -164,7 +167,8 @@ def _account(name: str, sec, path: Path, warnings: list[str]) -> Account:
         return v
 
     protocol = choice("protocol", PROTOCOLS, "imap")
-    port = sec.get("port", DEFAULT_PORTS[protocol])
+    starttls = sec.get("starttls", False)
+    port = sec.get("port", (STARTTLS_PORTS if starttls else DEFAULT_PORTS)[protocol])
     if not 1 <= port <= 65535:
         raise ConfigError(f"{where}: 'port' must be between 1 and 65535, not {port}")
     layout = choice("layout", LAYOUTS, "maildir++")
@@ -273,6 +277,7 @@ def _account(name: str, sec, path: Path, warnings: list[str]) -> Account:
         create=create,
         delete_after_days=float(dad) if dad is not None else None,
         max_message_size=mms,
+        starttls=starttls,
         folder_map=dict(fmap) if fmap else None,
         max_bytes_per_second=mbps,
         source=path,

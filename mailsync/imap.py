@@ -128,8 +128,17 @@ class ImapSession:
         self.acc = acc
         self.where = f"{acc.host}:{acc.port}"
         try:
-            self.client = IMAPClient(acc.host, port=acc.port, ssl=True, ssl_context=tls_context(acc),
+            self.client = IMAPClient(acc.host, port=acc.port, ssl=not acc.starttls, ssl_context=tls_context(acc),
                                      timeout=acc.timeout)
+            if acc.starttls:
+                # STARTTLS is required: a server that does not offer it is refused, never used in plaintext
+                if b"STARTTLS" not in {c.upper() for c in self.client.capabilities()}:
+                    self.client.shutdown()
+                    raise TLSError(f"{self.where} does not offer STARTTLS; refusing to log in without TLS",
+                                   hint="use the server's implicit-TLS port (993) without starttls, or ask the "
+                                        "provider to enable TLS")
+                self.client.starttls(ssl_context=tls_context(acc))
+                self.client._cached_capabilities = None  # ask again after TLS (RFC 3501 6.2.1)
         except BaseException as exc:  # noqa: BLE001 - translated below
             if isinstance(exc, KeyboardInterrupt):
                 raise

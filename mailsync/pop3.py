@@ -33,7 +33,21 @@ class Pop3Session:
         self.acc = acc
         self.where = f"{acc.host}:{acc.port}"
         try:
-            self.pop = poplib.POP3_SSL(acc.host, acc.port, context=tls_context(acc), timeout=acc.timeout)
+            if acc.starttls:
+                self.pop = poplib.POP3(acc.host, acc.port, timeout=acc.timeout)
+                try:
+                    caps = self.pop.capa()
+                except poplib.error_proto:
+                    caps = {}
+                if "STLS" not in caps:
+                    with contextlib.suppress(Exception):
+                        self.pop.sock.close()
+                    raise TLSError(f"{self.where} does not offer STLS; refusing to log in without TLS",
+                                   hint="use the server's implicit-TLS port (995) without starttls, or ask the "
+                                        "provider to enable TLS")
+                self.pop.stls(context=tls_context(acc))
+            else:
+                self.pop = poplib.POP3_SSL(acc.host, acc.port, context=tls_context(acc), timeout=acc.timeout)
         except BaseException as exc:  # noqa: BLE001 - translated
             if isinstance(exc, KeyboardInterrupt):
                 raise

@@ -52,6 +52,8 @@ class Dovecot:
     extra_conf: str = ""
     imaps_port: int = 0
     pop3s_port: int = 0
+    imap_port: int = 0   # plaintext, STARTTLS required before login
+    pop3_port: int = 0
     extra_listeners: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -79,6 +81,8 @@ class Dovecot:
         uid, gid, me, group = self._ids()
         self.imaps_port = self.imaps_port or free_port()
         self.pop3s_port = self.pop3s_port or free_port()
+        self.imap_port = self.imap_port or free_port()
+        self.pop3_port = self.pop3_port or free_port()
         (self.root / "run").mkdir(parents=True, exist_ok=True)
         if os.getuid() == 0:
             self.root.chmod(0o755)  # the auth and mail processes run as `dovecot`
@@ -155,7 +159,8 @@ pop3_uidl_format = %08Xu%08Xv
 {internal}
 service imap-login {{
 {chroot}  inet_listener imap {{
-    port = 0
+    address = 127.0.0.1
+    port = {self.imap_port}
   }}
   inet_listener imaps {{
     address = 127.0.0.1
@@ -165,7 +170,8 @@ service imap-login {{
 {extra}}}
 service pop3-login {{
 {chroot}  inet_listener pop3 {{
-    port = 0
+    address = 127.0.0.1
+    port = {self.pop3_port}
   }}
   inet_listener pop3s {{
     address = 127.0.0.1

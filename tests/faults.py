@@ -61,12 +61,29 @@ class Silent(_Listener):
 
 
 class Plaintext(_Listener):
-    """An IMAP greeting in plaintext, as on port 143."""
+    """An IMAP greeting in plaintext, as on port 143 (optionally without STARTTLS)."""
+
+    def __init__(self, starttls: bool = True) -> None:
+        self.caps = b"IMAP4rev1 STARTTLS" if starttls else b"IMAP4rev1 AUTH=PLAIN"
+        super().__init__()
 
     def handle(self, conn: socket.socket) -> None:
         try:
-            conn.sendall(b"* OK [CAPABILITY IMAP4rev1 STARTTLS] plaintext server ready\r\n")
-            self.closing.wait(10)
+            conn.sendall(b"* OK [CAPABILITY " + self.caps + b"] plaintext server ready\r\n")
+            conn.settimeout(10)
+            f = conn.makefile("rb")
+            while not self.closing.is_set():
+                line = f.readline(4096)
+                if not line:
+                    return
+                tag, _, cmd = line.strip().partition(b" ")
+                if cmd.upper().startswith(b"CAPABILITY"):
+                    conn.sendall(b"* CAPABILITY " + self.caps + b"\r\n" + tag + b" OK done\r\n")
+                elif cmd.upper().startswith(b"LOGOUT"):
+                    conn.sendall(b"* BYE\r\n" + tag + b" OK bye\r\n")
+                    return
+                else:
+                    conn.sendall(tag + b" BAD not here\r\n")
         except OSError:
             pass
 

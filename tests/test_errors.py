@@ -182,3 +182,24 @@ def test_imap_account_pointed_at_the_pop3s_port(user):
     user.write_config('protocol = "pop3"', port=user.server.imaps_port)
     r = user.run("sync", "test")
     one_line_error(r, 5, "did not greet like a POP3 server", "995")
+
+
+@pytest.mark.parametrize("protocol", ["imap", "pop3"])
+def test_starttls_on_the_plaintext_port(user, protocol):
+    """starttls = true: the plaintext port, then STARTTLS/STLS, certificate verified as always."""
+    user.append("INBOX", [msg(1), msg(2)])
+    port = user.server.imap_port if protocol == "imap" else user.server.pop3_port
+    user.write_config(f'starttls = true\nprotocol = "{protocol}"', port=port)
+    r = user.run("sync", "test", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["totals"]["new"] == 2
+    # and the certificate is still checked after STARTTLS
+    user.write_config(f'starttls = true\nprotocol = "{protocol}"', port=port, ca=False)
+    one_line_error(user.run("sync", "test"), 4, "certificate")
+
+
+def test_starttls_not_offered_is_refused_not_used_in_plaintext(user):
+    with faults.Plaintext(starttls=False) as plain:
+        user.write_config("starttls = true\ntimeout = 5", port=plain.port)
+        r = user.run("sync", "test")
+    one_line_error(r, 4, "does not offer STARTTLS", "refusing")
