@@ -217,3 +217,27 @@ def test_copy_deleted_on_destination_by_hand_is_copied_again(pair):
     s = migrate(pair)
     assert s["totals"]["copied"] == 1
     assert sorted(sha(b) for b, _ in pair.dst.server_messages()["INBOX"].values()) == sorted([sha(msg(1)), sha(msg(2))])
+
+
+def test_migrate_with_the_connection_cut_at_20_offsets(pair):
+    from tests import faults
+    from tests.test_faults_sweep import OFFSETS
+    pair.append("INBOX", [msg(i, body="m" * 2500) for i in range(8)])
+    pair.append("Work", [msg(100 + i, body="m" * 2500) for i in range(6)])
+    base = pair.config.read_text()
+    env = pair.env(DST_PASSWORD=pair.dst.password, XDG_STATE_HOME=str(pair.tmp / "state"))
+    want = content(pair)
+    for offset in OFFSETS:
+        with faults.CutProxy(pair.server.imaps_port, cut_after=offset, cut_connections=1000) as proxy:
+            # the cut is on the destination's connection: uploads die at every stage
+            cut = base.replace(f"port = {pair.server.imaps_port}\nusername = \"{pair.dst.name}\"",
+                               f"port = {proxy.port}\nusername = \"{pair.dst.name}\"\nretries = 0")
+            assert cut != base
+            pair.config.write_text(cut)
+            r = pair.run("migrate", "test", "dst", env=env)
+        assert r.returncode in (0, 5, 6, 9), (offset, r.returncode, r.stderr)
+        assert "Traceback" not in r.stderr
+        pair.config.write_text(base)
+        r = pair.run("migrate", "test", "dst", env=env)
+        assert r.returncode == 0, (offset, r.stderr)
+        assert content(pair.dst) == want, offset  # every message exactly once
