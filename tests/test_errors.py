@@ -203,3 +203,22 @@ def test_starttls_not_offered_is_refused_not_used_in_plaintext(user):
         user.write_config("starttls = true\ntimeout = 5", port=plain.port)
         r = user.run("sync", "test")
     one_line_error(r, 4, "does not offer STARTTLS", "refusing")
+
+
+def test_plain_password_in_a_world_readable_config_draws_a_warning_and_stays_secret(user):
+    user.append("INBOX", [msg(1)])
+    text = user.write_config().read_text().replace('password_env = "MAILSYNC_TEST_PASSWORD"',
+                                                   f'password = "{user.password}"')
+    user.config.write_text(text)
+    user.config.chmod(0o644)
+    r = user.run("sync", "test", "--json")
+    assert r.returncode == 0, r.stderr
+    assert "readable by others" in r.stderr and "chmod 600" in r.stderr
+    assert user.password not in r.stdout + r.stderr
+    user.config.chmod(0o600)
+    r = user.run("sync", "test")
+    assert "readable by others" not in r.stderr
+    # nothing mailsync wrote holds the password
+    for p in user.maildir.rglob("*"):
+        if p.is_file():
+            assert user.password.encode() not in p.read_bytes(), p
