@@ -110,9 +110,7 @@ def sync(
     if debug:
         logging.basicConfig(level=logging.DEBUG, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     try:
-        cfg = config_mod.load(config or _opts.get("config"))
-        for w in cfg.warnings:
-            typer.echo(f"mailsync: warning: {w}", err=True)
+        cfg = _load(config)
         acc = cfg.account(account)
         mode = mode or acc.mode
         if mode not in ("backup", "sync"):
@@ -193,6 +191,13 @@ class _Errors:
         return False
 
 
+def _load(config: Optional[Path]):
+    cfg = config_mod.load(config or _opts.get("config"))
+    for w in cfg.warnings:
+        typer.echo(f"mailsync: warning: {w}", err=True)
+    return cfg
+
+
 def _setup(config: Optional[Path], debug: bool):
     debug = debug or _opts.get("debug", False)
     if debug:
@@ -212,7 +217,7 @@ def compare(
     """Download one mailbox over IMAP and over POP3 (into temporary Maildirs) and compare."""
     debug = _setup(config, debug)
     with _Errors(debug):
-        cfg = config_mod.load(config or _opts.get("config"))
+        cfg = _load(config)
         ia, pa = cfg.account(imap_account), cfg.account(pop3_account)
         from mailsync import compare as cmp
         from mailsync import secrets
@@ -234,7 +239,7 @@ def check(
     with _Errors(debug):
         cfg = None
         try:
-            cfg = config_mod.load(config or _opts.get("config"))
+            cfg = _load(config)
         except ConfigError:
             if target in _maybe_accounts(config):
                 raise
@@ -243,6 +248,10 @@ def check(
             cfg.account(target)  # an account name with a typo: say so (with a suggestion)
         if cfg is not None and target in cfg.accounts:
             acc = cfg.account(target)
+            if acc.starttls:
+                raise ConfigError(f"[accounts.{acc.name}] check covers implicit TLS (993/995); this account "
+                                  "uses starttls", hint="check the server's implicit-TLS port with "
+                                  f"`mailsync check {acc.host}:{993 if acc.protocol == 'imap' else 995}`")
             from mailsync import secrets
             t = chk.target_from_account(acc)
             password = secrets.password(acc)
@@ -275,7 +284,7 @@ def verify(
     """Prove a backup: counts, missing and extra files, corrupted files, flag differences."""
     debug = _setup(config, debug)
     with _Errors(debug):
-        cfg = config_mod.load(config or _opts.get("config"))
+        cfg = _load(config)
         acc = cfg.account(account)
         if acc.protocol != "imap":
             raise ConfigError(f"[accounts.{acc.name}] verify needs an IMAP account")
@@ -317,7 +326,7 @@ def migrate(
     """Copy every folder and message of SRC to DST, resumable and without duplicates."""
     debug = _setup(config, debug)
     with _Errors(debug, "mailsync: interrupted; run again to continue, nothing is copied twice"):
-        cfg = config_mod.load(config or _opts.get("config"))
+        cfg = _load(config)
         sa, da = cfg.account(src), cfg.account(dst)
         for a in (sa, da):
             if a.protocol != "imap":
@@ -348,7 +357,7 @@ def restore(
     with _Errors(debug, "mailsync: interrupted; run again to continue, nothing is uploaded twice"):
         if layout not in (None, "maildir++", "fs"):
             raise ConfigError(f"--layout must be maildir++ or fs, not {layout!r}")
-        cfg = config_mod.load(config or _opts.get("config"))
+        cfg = _load(config)
         acc = cfg.account(account)
         if acc.protocol != "imap":
             raise ConfigError(f"[accounts.{acc.name}] restore needs an IMAP account")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -218,6 +219,17 @@ class _FolderRunner:
                     self.stop.set()
                     res.error = str(exc)
                     res._fatal = exc  # type: ignore[attr-defined]
+                    break
+                except sqlite3.Error as exc:  # the state file itself (disk full, damaged)
+                    self.pool.give(session)
+                    self.stop.set()
+                    err = StorageError(f"cannot use the state file: {exc}", hint="free disk space or check the disk")
+                    res.error = str(err)
+                    res._fatal = err  # type: ignore[attr-defined]
+                    break
+                except OSError as exc:  # e.g. a folder name too long for the file system
+                    self.pool.give(session)
+                    res.error = f"{exc.strerror or exc}: {exc.filename or path}"
                     break
             attempt += 1
             if attempt > self.acc.retries:

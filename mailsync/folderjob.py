@@ -18,8 +18,8 @@ from pathlib import Path
 
 from mailsync import crashpoint
 from mailsync.config import Account
-from mailsync.errors import SafetyAbort
-from mailsync.imap import FolderInfo, ImapSession, crlf, message_id
+from mailsync.errors import SafetyAbort, ServerError
+from mailsync.imap import FolderInfo, ImapSession, crlf, message_id, seqset
 from mailsync.maildir import MaildirFolder, storage_error
 from mailsync.model import FolderResult, Record, ServerView, split_flags
 from mailsync.plan import batches, deletion_guard, plan_backup, plan_sync, rematch
@@ -174,6 +174,7 @@ class FolderJob:
             sizes.setdefault(uid, self.known[uid].size if uid in self.known else 0)
         self.progress("folder_start", {"folder": self.info.name, "messages": len(todo),
                                        "bytes": sum(sizes.get(u, 0) for u in todo)})
+        unanswered: list[int] = []
         for batch in batches(sizes, todo, self.acc.batch_bytes):
             if self.stop.is_set():
                 raise Stopped()
@@ -183,7 +184,8 @@ class FolderJob:
             try:
                 for uid, body, fl, kw, when in self.s.bodies(batch):
                     if body is None:
-                        continue  # expunged by another client meanwhile: never write an empty file
+                        unanswered.append(uid)  # expunged meanwhile? never write an empty file
+                        continue
                     sha = hashlib.sha256(body).hexdigest()
                     hits = [h for h in by_hash.get(sha, ()) if h[1].key not in self.adopted]
                     if hits and uid not in refetch:
@@ -232,6 +234,13 @@ class FolderJob:
             self.res.refetched += sum(1 for _, r, _ in staged if r.uid in refetch)
             self.res.rebound += len(rebinds)
             self.res.bytes += got
+        if unanswered:
+            # a message the server did not send must really be gone; if it is still there, the
+            # folder fails now and its counters stay where they were, so the next run asks again
+            still = self.s.existing(unanswered)
+            if still:
+                raise ServerError(f"the server did not send {len(still)} messages it still lists (UIDs "
+                                  f"{seqset(still)}); they are fetched again on the next run")
 
     def save_counters(self) -> None:
         """Counters last: only after everything they cover is durable."""

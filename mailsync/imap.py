@@ -162,7 +162,9 @@ class ImapSession:
                                 "ASCII and the server does not take it",
                                 hint="check the password; the server must offer AUTH=PLAIN") from None
             except imapx.LoginError as exc:
-                if isinstance(exc.__context__, imaplib.IMAP4.abort):
+                aborted = isinstance(exc.__context__, imaplib.IMAP4.abort)
+                exc = imapx.LoginError(_text(exc).replace(password, "********")) if password else exc
+                if aborted:
                     raise ConnectionLost(f"{self.where} closed the connection during login: {_text(exc)}",
                                          hint="run again; if it persists the server may limit connections") from None
                 raise AuthError(f"login as {acc.username} at {self.where} failed: {_text(exc)}",
@@ -388,6 +390,13 @@ class ImapSession:
 
     def create(self, name: str) -> None:
         self._call(self.client.create_folder, name)
+
+    def existing(self, uids: Iterable[int]) -> list[int]:
+        """Which of these UIDs the server still lists (UID SEARCH UID set)."""
+        uids = sorted(uids)
+        if not uids:
+            return []
+        return sorted(set(self._call(self.client.search, ["UID", seqset(uids)])) & set(uids))
 
     def all_uids(self) -> set[int]:
         return set(self._call(self.client.search, "ALL"))

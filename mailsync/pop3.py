@@ -66,7 +66,8 @@ class Pop3Session:
                 self.pop.user(acc.username)
                 self.pop.pass_(password)
             except poplib.error_proto as exc:
-                raise AuthError(f"login as {acc.username} at {self.where} failed: {_text(exc)}",
+                said = _text(exc).replace(password, "********") if password else _text(exc)
+                raise AuthError(f"login as {acc.username} at {self.where} failed: {said}",
                                 hint="check username and password (an app password, or POP access enabled "
                                      "at the provider, may be needed)") from None
         except (OSError, EOFError) as exc:

@@ -310,3 +310,31 @@ def test_version_and_help(user):
     import sys
     r = subprocess.run([sys.executable, "-m", "mailsync", "--version"], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.startswith("mailsync ")
+
+
+def test_a_message_the_server_leaves_out_is_not_skipped_for_good(user, monkeypatch):
+    """If FETCH leaves out a message the server still lists, the folder fails and its counters
+    stay put, so the next run asks again (nothing is silently skipped)."""
+    from pathlib import Path
+
+    from mailsync import engine
+    from mailsync.config import parse
+    from mailsync.imap import ImapSession
+
+    user.append("INBOX", [msg(1), msg(2), msg(3)])
+    real = ImapSession.bodies
+
+    def forgetful(self, uids):
+        for item in real(self, uids):
+            yield (item[0], None, *item[2:]) if item[0] == 2 else item
+
+    monkeypatch.setattr(ImapSession, "bodies", forgetful)
+    acc = parse({"accounts": {"t": {"host": "127.0.0.1", "port": user.server.imaps_port, "username": user.name,
+                                    "maildir": str(user.maildir), "ca_file": str(user.server.ca_file)}}},
+                Path("/x.toml")).account("t")
+    r = engine.backup(acc, user.password)
+    assert r.failed and "did not send 1 messages" in r.failed[0].error
+    monkeypatch.setattr(ImapSession, "bodies", real)
+    r = engine.backup(acc, user.password)
+    assert not r.failed
+    check_backup_matches_server(user)
