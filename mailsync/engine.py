@@ -95,7 +95,10 @@ class _Pool:
             return s
 
     def give(self, s: ImapSession) -> None:
-        self._free.put(s)
+        if s.broken:  # a reply was cut or could not be read: never reuse it
+            self.drop(s)
+        else:
+            self._free.put(s)
 
     def drop(self, s: ImapSession) -> None:
         s.close()

@@ -181,14 +181,20 @@ class FolderJob:
             staged: list[tuple[str, Record, float | None]] = []
             rebinds: list[tuple[int | None, int, frozenset[str], frozenset[str], Record]] = []
             got = 0
+            listed = max((sizes.get(u, 0) for u in batch), default=0)
+            asked = set(batch)
             try:
-                for uid, body, fl, kw, when in self.s.bodies(batch):
-                    if body is None:
-                        unanswered.append(uid)  # expunged meanwhile? never write an empty file
-                        continue
-                    sha = hashlib.sha256(body).hexdigest()
+                for uid, body, fl, kw, when in self.s.stream_bodies(batch, mf.open_staged,
+                                                                    max_body=2 * listed + (1 << 20)):
+                    if body is None or uid not in asked:
+                        if body is not None:
+                            body.discard()  # an answer to something we did not ask for
+                        continue  # NIL: expunged meanwhile? never write an empty file
+                    asked.discard(uid)
+                    sha = body.sha256
                     hits = [h for h in by_hash.get(sha, ()) if h[1].key not in self.adopted]
                     if hits and uid not in refetch:
+                        body.discard()
                         rid, rec = hits.pop()
                         if rid is None:  # adopt an unknown local file with these exact bytes
                             self.adopted.add(rec.key)
@@ -198,19 +204,20 @@ class FolderJob:
                                     self.push_after.append((uid, fl | kw | extra))
                                 fl, kw = fl | rec.flags, kw | rec.keywords
                             rec = Record(uid=uid, key=rec.key, flags=rec.flags, keywords=rec.keywords,
-                                         size=rec.size, sha256=rec.sha256, message_id=message_id(body))
+                                         size=rec.size, sha256=rec.sha256, message_id=message_id(body.head))
                         rebinds.append((rid, uid, fl, kw, rec))
                         continue
                     mtime = when.timestamp() if when is not None else None
-                    key = mf.stage(body, mtime)
-                    staged.append((key, Record(uid=uid, key=key, flags=fl, keywords=kw, size=len(body),
-                                               sha256=sha, message_id=message_id(body)), mtime))
-                    got += len(body)
-                    self.progress("message", {"folder": self.info.name, "bytes": len(body)})
+                    body.finish(mtime)
+                    staged.append((body.key, Record(uid=uid, key=body.key, flags=fl, keywords=kw, size=body.size,
+                                                    sha256=sha, message_id=message_id(body.head)), mtime))
+                    got += body.size
+                    self.progress("message", {"folder": self.info.name, "bytes": body.size})
             except BaseException:
                 for key, _, _ in staged:
                     mf.discard(key)
                 raise
+            unanswered.extend(u for u in batch if u in asked)
             mf.sync([k for k, _, _ in staged])
             crashpoint.hit("staged")
             with state.transaction() as tx:

@@ -20,6 +20,7 @@ from imapclient import IMAPClient
 from imapclient import exceptions as imapx
 from imapclient.response_parser import parse_fetch_response
 
+from mailsync import fetch
 from mailsync.config import Account
 from mailsync.errors import AuthError, ConnectError, ConnectionLost, MailsyncError, ServerError, TLSError
 from mailsync.model import normalise_flags
@@ -127,6 +128,7 @@ class ImapSession:
     def __init__(self, acc: Account, password: str) -> None:
         self.acc = acc
         self.where = f"{acc.host}:{acc.port}"
+        self.broken = False  # a reply could not be read: the connection is out of step
         try:
             self.client = IMAPClient(acc.host, port=acc.port, ssl=not acc.starttls, ssl_context=tls_context(acc),
                                      timeout=acc.timeout)
@@ -238,22 +240,69 @@ class ImapSession:
 
     # -- messages ---------------------------------------------------------------------
 
+    def _send_fetch(self, seqset: str, items: list[bytes], modifiers: list[str] | None = None) -> bytes:
+        imap = self.client._imap
+        args = ["UID", "FETCH", seqset, "(" + " ".join(i.decode() for i in items) + ")"]
+        if modifiers:
+            args.append("(" + " ".join(modifiers) + ")")
+        return imap._command(*args)
+
     def _fetch(self, seqset: str, items: list[bytes], modifiers: list[str] | None = None) -> dict[int, dict]:
-        """UID FETCH with a sequence set (imapclient's own fetch() cannot take ranges like 5:*)."""
+        """UID FETCH with a sequence set (ranges like 5:* too): UID -> items, bodies in memory."""
         def run():
-            imap = self.client._imap
-            args = ["UID", "FETCH", seqset, "(" + " ".join(i.decode() for i in items) + ")"]
-            if modifiers:
-                args.append("(" + " ".join(modifiers) + ")")
-            tag = imap._command(*args)
-            typ, data = imap._command_complete("FETCH", tag)
-            if typ != "OK":
-                raise imaplib.IMAP4.error(f"UID FETCH failed: {data[-1] if data else typ}")
-            typ, data = imap._untagged_response(typ, data, "FETCH")
-            if data == [None]:
-                return {}
-            return parse_fetch_response(data, False, True)
-        return self._call(run)
+            tag = self._send_fetch(seqset, items, modifiers)
+            out: dict[int, dict] = {}
+            for got in fetch.read_fetch(self.client._imap, tag, fetch.MemoryBody, self.where):
+                d = out.setdefault(got.uid, {})
+                for k, v in got.items.items():
+                    if k == b"FLAGS":
+                        v = fetch.flag_list(v)
+                    elif k in (b"RFC822.SIZE", b"MODSEQ"):
+                        v = fetch.number(v[0] if isinstance(v, list) and v else v)
+                    elif k == b"INTERNALDATE":
+                        v = fetch.internaldate(v)
+                    elif isinstance(v, fetch.MemoryBody):
+                        v = v.value()
+                    d[k] = v
+            return out
+        return self._guarded(run)
+
+    def stream_bodies(self, uids: list[int], open_body, max_body: int | None = None):
+        """Yield (uid, writer or None, flags, keywords, internaldate) in the server's order, each
+        body copied into open_body(size) as it arrives. UIDs the server did not answer are not
+        yielded (the caller checks). A writer the caller got is the caller's to keep or discard."""
+        tag = self._guarded(lambda: self._send_fetch(seqset(uids), BODY_ITEMS))
+        it = fetch.read_fetch(self.client._imap, tag, open_body, self.where, max_body)
+        done = False
+        try:
+            while True:
+                got = self._guarded(next, it, None)
+                if got is None:
+                    done = True
+                    return
+                if b"BODY[]" not in got.items:
+                    continue  # e.g. a flag update for a message we asked for, sent separately
+                fl, kw = normalise_flags(fetch.flag_list(got.items.get(b"FLAGS")))
+                yield (got.uid, got.items[b"BODY[]"], fl, kw,
+                       fetch.internaldate(got.items.get(b"INTERNALDATE")))
+        finally:
+            if not done:  # stopped mid-reply (an error here or in the caller): out of step
+                self.broken = True
+                it.close()
+
+    def _guarded(self, fn, *args):
+        """Like _call; a reply we could not read leaves the connection out of step: it is marked
+        broken so the pool drops it instead of reusing it."""
+        try:
+            return self._call(fn, *args)
+        except fetch.ProtocolError:
+            self.broken = True
+            raise
+        except ServerError:
+            raise
+        except ConnectionLost:
+            self.broken = True
+            raise
 
     # -- writing (two-way sync) ----------------------------------------------------------
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import hashlib
 import itertools
 import os
 import re
@@ -24,6 +25,7 @@ from pathlib import Path
 
 from mailsync import utf7
 from mailsync.errors import StorageError
+from mailsync.fetch import BodyWriter
 from mailsync.model import flags_from_letters, info_letters, join_name, split_name
 
 DIR_MODE = 0o700
@@ -174,6 +176,64 @@ class KeywordMap:
             raise storage_error(exc, f"cannot write {self.path}") from None
 
 
+class StagedFile(BodyWriter):
+    """A message being written into tmp/ piece by piece (a streamed FETCH body): hashed as it
+    goes, with the start kept for the Message-ID. finish() closes it with its mtime set."""
+
+    HEAD = 64 * 1024
+
+    def __init__(self, folder: Path) -> None:
+        self.key = new_key()
+        self.path = folder / "tmp" / self.key
+        self.size = 0
+        self._sha = hashlib.sha256()
+        self.head = b""
+        try:
+            self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+        except OSError as exc:
+            raise storage_error(exc, f"cannot write {self.path}") from None
+
+    def write(self, data: bytes) -> None:
+        self._sha.update(data)
+        if len(self.head) < self.HEAD:
+            self.head += data[:self.HEAD - len(self.head)]
+        try:
+            view = memoryview(data)
+            while view:
+                n = os.write(self.fd, view)
+                view = view[n:]
+        except OSError as exc:
+            self.discard()
+            raise storage_error(exc, f"cannot write {self.path}") from None
+        self.size += len(data)
+
+    @property
+    def sha256(self) -> str:
+        return self._sha.hexdigest()
+
+    def finish(self, mtime: float | None) -> None:
+        try:
+            if mtime is not None:
+                os.utime(self.fd, (mtime, mtime))
+            os.close(self.fd)
+            self.fd = -1
+        except OSError as exc:
+            self.discard()
+            raise storage_error(exc, f"cannot write {self.path}") from None
+
+    def discard(self) -> None:
+        if self.fd >= 0:
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+            self.fd = -1
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+
+
 # ----------------------------------------------------------------------------- one folder
 
 class MaildirFolder:
@@ -230,6 +290,10 @@ class MaildirFolder:
             return set()
 
     # -- delivery -----------------------------------------------------------------------
+
+    def open_staged(self, size: int = 0) -> StagedFile:
+        """A new file in tmp/ to stream a message into (see StagedFile)."""
+        return StagedFile(self.path)
 
     def stage(self, data: bytes, mtime: float | None) -> str:
         key = new_key()

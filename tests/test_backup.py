@@ -322,19 +322,23 @@ def test_a_message_the_server_leaves_out_is_not_skipped_for_good(user, monkeypat
     from mailsync.imap import ImapSession
 
     user.append("INBOX", [msg(1), msg(2), msg(3)])
-    real = ImapSession.bodies
+    real = ImapSession.stream_bodies
 
-    def forgetful(self, uids):
-        for item in real(self, uids):
-            yield (item[0], None, *item[2:]) if item[0] == 2 else item
+    def forgetful(self, uids, open_body, max_body=None):
+        for item in real(self, uids, open_body, max_body):
+            if item[0] == 2:
+                item[1].discard()
+                yield (item[0], None, *item[2:])
+            else:
+                yield item
 
-    monkeypatch.setattr(ImapSession, "bodies", forgetful)
+    monkeypatch.setattr(ImapSession, "stream_bodies", forgetful)
     acc = parse({"accounts": {"t": {"host": "127.0.0.1", "port": user.server.imaps_port, "username": user.name,
                                     "maildir": str(user.maildir), "ca_file": str(user.server.ca_file)}}},
                 Path("/x.toml")).account("t")
     r = engine.backup(acc, user.password)
     assert r.failed and "did not send 1 messages" in r.failed[0].error
-    monkeypatch.setattr(ImapSession, "bodies", real)
+    monkeypatch.setattr(ImapSession, "stream_bodies", real)
     r = engine.backup(acc, user.password)
     assert not r.failed
     check_backup_matches_server(user)
