@@ -33,9 +33,20 @@ demo: deps venv
 	$(BIN)/python -m tests.demo
 
 bench: deps venv
-	@command -v mbsync >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
-		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq isync >/dev/null; }
-	$(BIN)/python -m bench.tools --messages 10000 --repeat 3
+	@missing=""; \
+	command -v mbsync >/dev/null 2>&1 || missing="$$missing isync"; \
+	command -v offlineimap >/dev/null 2>&1 || missing="$$missing offlineimap3"; \
+	command -v mpop >/dev/null 2>&1 || missing="$$missing mpop"; \
+	[ -x /usr/bin/time ] || missing="$$missing time"; \
+	if [ -n "$$missing" ]; then \
+		echo "Installing$$missing..."; \
+		$(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing >/dev/null; \
+	fi
+	@$(BIN)/python -c 'import matplotlib' 2>/dev/null || $(BIN)/pip install -q -e '.[test,bench]'
+	$(BIN)/python -m bench.tools --messages 10000 --repeat 3 --write-docs
+	$(BIN)/python -m bench.tools --messages 100000 --tools mailsync,mbsync --repeat 1 --section scale --write-docs
+	$(BIN)/python -m bench.tools --pop3 --messages 10000 --repeat 3 --write-docs
 	$(BIN)/python -m bench.backup --messages 10000 --mode sync
 	$(BIN)/python -m bench.protocols --messages 2000
 	$(BIN)/python -m bench.migrate --messages 5000

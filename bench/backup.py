@@ -10,14 +10,12 @@ import argparse
 import json
 import os
 import random
-import resource
 import shutil
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
+from bench.measure import DEFAULT_DIR, measure, workdir
 from tests import corpus
 from tests.dovecot import Dovecot
 
@@ -44,14 +42,14 @@ def build_corpus(server: Dovecot, user: str, n: int, folders: int, seed: int = 1
 
 
 def run(config: Path, *args: str) -> tuple[float, dict, int]:
-    t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "mailsync", "--config", str(config), "sync", "bench", "--json", *args],
-                       capture_output=True, text=True, cwd=ROOT)
-    dt = time.perf_counter() - t0
-    if r.returncode != 0:
-        raise SystemExit(f"mailsync failed: {r.stderr}")
-    rss_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return dt, json.loads(r.stdout), rss_kb
+    """One `mailsync sync` process: wall seconds, its --json summary, its peak RSS in KiB."""
+    out, log = config.parent / "sync.json", config.parent / "sync.log"
+    with open(out, "wb") as f:
+        r, code = measure([sys.executable, "-m", "mailsync", "--config", str(config), "sync", "bench", "--json",
+                           *args], log, cwd=ROOT, stdout=f.fileno())
+    if code != 0:
+        raise SystemExit(f"mailsync failed: {log.read_text(errors='replace')[-2000:]}")
+    return r.wall, json.loads(out.read_text()), int(r.rss_mb * 1024)
 
 
 def main() -> None:
@@ -62,9 +60,9 @@ def main() -> None:
     ap.add_argument("--mode", choices=["backup", "sync"], default="backup")
     ap.add_argument("--basic", action="store_true",
                     help="the server advertises IMAP4rev1 basics only (no CONDSTORE, QRESYNC, UIDPLUS)")
+    ap.add_argument("--dir", type=Path, default=DEFAULT_DIR, help="work directory (default .bench/)")
     a = ap.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="mailsync-bench-"))
-    tmp.chmod(0o755)  # as root, Dovecot's own processes must reach the server directory
+    tmp = workdir(a.dir, "backup-")
     extra = "protocol imap {\n  imap_capability = IMAP4rev1 LITERAL+ SASL-IR ID\n}\n" if a.basic else ""
     server = Dovecot(tmp / "server", users={"bench": "bench-pw"}, extra_conf=extra)
     server.start()

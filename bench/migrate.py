@@ -9,11 +9,11 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from bench.backup import build_corpus
+from bench.measure import DEFAULT_DIR, workdir
 from tests.dovecot import Dovecot
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -22,9 +22,9 @@ ROOT = Path(__file__).resolve().parent.parent
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--messages", type=int, default=5000)
+    ap.add_argument("--dir", type=Path, default=DEFAULT_DIR, help="work directory (default .bench/)")
     a = ap.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="mailsync-bench-"))
-    tmp.chmod(0o755)
+    tmp = workdir(a.dir, "migrate-")
     server = Dovecot(tmp / "server", users={"src": "pw", "dst": "pw"}).start()
     try:
         size = build_corpus(server, "src", a.messages, 5)
@@ -37,7 +37,7 @@ def main() -> None:
         for label in ("first run", "re-run"):
             t0 = time.perf_counter()
             r = subprocess.run([sys.executable, "-m", "mailsync", "--config", str(cfg), "migrate", "src", "dst",
-                                "--json"], capture_output=True, text=True, cwd=ROOT, env=env)
+                                "--json"], check=False, capture_output=True, text=True, cwd=ROOT, env=env)
             dt = time.perf_counter() - t0
             if r.returncode != 0:
                 raise SystemExit(r.stderr)

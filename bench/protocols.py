@@ -12,10 +12,10 @@ import random
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
+from bench.measure import DEFAULT_DIR, workdir
 from tests import corpus
 from tests.dovecot import Dovecot
 
@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def timed(config: Path, account: str) -> tuple[float, dict]:
     t0 = time.perf_counter()
     r = subprocess.run([sys.executable, "-m", "mailsync", "--config", str(config), "sync", account, "--json"],
-                       capture_output=True, text=True, cwd=ROOT)
+                       check=False, capture_output=True, text=True, cwd=ROOT)
     if r.returncode != 0:
         raise SystemExit(r.stderr)
     return time.perf_counter() - t0, json.loads(r.stdout)
@@ -34,9 +34,9 @@ def timed(config: Path, account: str) -> tuple[float, dict]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--messages", type=int, default=2000)
+    ap.add_argument("--dir", type=Path, default=DEFAULT_DIR, help="work directory (default .bench/)")
     a = ap.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="mailsync-bench-"))
-    tmp.chmod(0o755)
+    tmp = workdir(a.dir, "protocols-")
     server = Dovecot(tmp / "server", users={"bench": "bench-pw"}).start()
     try:
         rnd = random.Random(7)
