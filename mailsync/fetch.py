@@ -90,7 +90,7 @@ def read_fetch(imap, tag: bytes, open_body: Callable[[int], BodyWriter], where: 
         while True:
             line = _readline(f, where)
             if line.startswith(tag + b" "):
-                status, _, text = line[len(tag) + 1:].partition(b" ")
+                status, _, text = line[len(tag) + 1:].rstrip(b"\r\n").partition(b" ")
                 imap.tagged_commands.pop(tag, None)
                 if status.upper() == b"OK":
                     return
