@@ -52,4 +52,4 @@ bench: deps venv
 	$(BIN)/python -m bench.migrate --messages 5000
 
 clean:
-	rm -rf $(VENV) .demo .pytest_cache .hypothesis
+	rm -rf $(VENV) .demo .bench .pytest_cache .hypothesis
