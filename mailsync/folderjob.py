@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import os
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -36,6 +37,25 @@ class Stopped(Exception):
 class Options:
     dry_run: bool = False
     force: bool = False
+
+
+STAMP_SETTLE_NS = 2_000_000_000
+
+
+def local_stamp(path: Path) -> str | None:
+    """inode:mtime of cur/ and new/, or None while either changed too recently to trust (a change
+    within the same clock tick as the last one would not move the mtime)."""
+    parts = []
+    now = time.time_ns()
+    for sub in ("cur", "new"):
+        try:
+            st = os.stat(path / sub)
+        except OSError:
+            return None
+        if now - st.st_mtime_ns < STAMP_SETTLE_NS:
+            return None
+        parts.append(f"{st.st_ino}:{st.st_mtime_ns}")
+    return " ".join(parts)
 
 
 def _place(flags) -> str:
@@ -76,11 +96,33 @@ class FolderJob:
             self.mf.clean_tmp(keep=self.known_keys - self.on_disk.keys())
 
     def status_unchanged(self) -> bool:
+        if getattr(self, "_unchanged", None) is not None:
+            return self._unchanged
         f = self.fstate
         self.st = st = self.s.status(self.info.name)
-        return bool(self.s.condstore and f["uidvalidity"] == st.get("uidvalidity")
+        self._unchanged = bool(self.s.condstore and f["uidvalidity"] == st.get("uidvalidity")
                     and f["uidnext"] == st.get("uidnext") and f["messages"] == st.get("messages")
                     and f["highestmodseq"] is not None and f["highestmodseq"] == st.get("highestmodseq"))
+        return self._unchanged
+
+    def quick_skip(self) -> bool:
+        """Nothing to do, known without listing the folder or loading its records: the server
+        folder is unchanged (one STATUS, CONDSTORE) and so are cur/ and new/ (inode and mtime as
+        recorded when they were last found in step with the state; any file added, removed or
+        renamed changes them)."""
+        f = self.state.folder_row(self.info.name)
+        rel = "." if self.path == self.acc.maildir else str(self.path.relative_to(self.acc.maildir))
+        if self.opts.dry_run or f is None or not f["local_stamp"] or f["path"] != rel:
+            return False
+        if f["local_stamp"] != local_stamp(self.path) or self.state.pending_uploads(f["id"]):
+            return False
+        self.fstate = f
+        return self.status_unchanged()
+
+    def remember_in_step(self) -> None:
+        """cur/ and new/ match the state now: later runs may skip this folder without listing it."""
+        if not self.opts.dry_run:
+            self.state.set_local_stamp(self.fid, local_stamp(self.path))
 
     def read_server(self, writable: bool) -> None:
         s, f = self.s, self.fstate
@@ -257,17 +299,21 @@ class FolderJob:
             tx.save_folder(self.fid, uidvalidity=self.validity,
                            uidnext=self.sel.get("uidnext") or self.st["uidnext"],
                            highestmodseq=self.sel.get("highestmodseq") if self.s.condstore else None,
-                           messages=self.exists)
+                           messages=self.exists, local_stamp=local_stamp(self.path))
         crashpoint.hit("folder")
 
     # -- backup: server -> Maildir ------------------------------------------------------
 
     def backup(self) -> None:
+        if self.quick_skip():
+            self.res.skipped = True
+            return
         self.prepare_local()
         if self.status_unchanged() and not (
                 self.state.keys(self.fid, uidvalidity=self.fstate["uidvalidity"], on_server=True)
                 - self.on_disk.keys()):
             self.res.skipped = True
+            self.remember_in_step()
             return
         self.read_server(writable=False)
         view = ServerView(flags=self.flags, new={u: v[0] for u, v in self.new_full.items()},
@@ -301,6 +347,9 @@ class FolderJob:
             self.res.notices.append("exists only on the server; not created locally (create = "
                                     f"\"{self.acc.create}\")")
             return
+        if exists_here and self.quick_skip():
+            self.res.skipped = True
+            return
         self.prepare_local()
         base_keys = self.state.keys(self.fid, uidvalidity=self.fstate["uidvalidity"], on_server=True) \
             if self.fstate["uidvalidity"] is not None else set()
@@ -331,6 +380,7 @@ class FolderJob:
             local_flags.get(k) == f for k, f in self.base_flags_by_key().items())
         if not fresh and self.status_unchanged() and local_same:
             self.res.skipped = True
+            self.remember_in_step()
             return
         if fresh:
             self.st = self.s.status(self.info.name)

@@ -76,6 +76,10 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX pop3_hash ON pop3(sha256);
     """,
+    # 4: what cur/ and new/ looked like (inode and mtime) when last found in step with the state
+    """
+    ALTER TABLE folders ADD COLUMN local_stamp TEXT;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -145,16 +149,25 @@ class State:
                 row = self.db.execute("SELECT * FROM folders WHERE name=?", (name,)).fetchone()
             return row
 
+    def folder_row(self, name: str) -> sqlite3.Row | None:
+        with self._lock:
+            return self.db.execute("SELECT * FROM folders WHERE name=?", (name,)).fetchone()
+
+    def set_local_stamp(self, fid: int, stamp: str | None) -> None:
+        with self._lock:
+            self.db.execute("UPDATE folders SET local_stamp=? WHERE id=?", (stamp, fid))
+
     def folders(self) -> list[sqlite3.Row]:
         with self._lock:
             return self.db.execute("SELECT * FROM folders ORDER BY name").fetchall()
 
     def save_folder(self, fid: int, *, uidvalidity: int, uidnext: int, highestmodseq: int | None,
-                    messages: int) -> None:
+                    messages: int, local_stamp: str | None = None) -> None:
         with self._lock:
             self.db.execute(
-                "UPDATE folders SET uidvalidity=?, uidnext=?, highestmodseq=?, messages=?, synced_at=? WHERE id=?",
-                (uidvalidity, uidnext, highestmodseq, messages, time.time(), fid))
+                "UPDATE folders SET uidvalidity=?, uidnext=?, highestmodseq=?, messages=?, synced_at=?, "
+                "local_stamp=? WHERE id=?",
+                (uidvalidity, uidnext, highestmodseq, messages, time.time(), local_stamp, fid))
 
     # -- messages ---------------------------------------------------------------------
 

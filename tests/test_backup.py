@@ -6,6 +6,7 @@ import json
 import os
 import sqlite3
 import stat
+import time
 from datetime import datetime
 
 from mailsync.maildir import KeywordMap, folder_path
@@ -341,4 +342,32 @@ def test_a_message_the_server_leaves_out_is_not_skipped_for_good(user, monkeypat
     monkeypatch.setattr(ImapSession, "stream_bodies", real)
     r = engine.backup(acc, user.password)
     assert not r.failed
+    check_backup_matches_server(user)
+
+
+def age_dirs(maildir, seconds=30):
+    """Make every cur/ and new/ look untouched for a while (as between two cron runs)."""
+    past = time.time() - seconds
+    for d in list(maildir.rglob("cur")) + list(maildir.rglob("new")):
+        os.utime(d, (past, past))
+
+
+def test_unchanged_folders_are_skipped_without_listing_yet_local_changes_are_seen(user):
+    """Once a folder was found in step, a no-change run trusts cur/ and new/'s inode and mtime
+    instead of listing them; a file deleted afterwards still changes that and is fetched again."""
+    user.append("INBOX", [msg(1), msg(2)])
+    user.append("Work", [msg(3)])
+    ok(user.run("sync", "test"))
+    age_dirs(user.maildir)
+    s = summary(user.run("sync", "test", "--json"))
+    assert s["totals"]["new"] == 0
+    db = sqlite3.connect(user.maildir / ".mailsync.db")
+    stamps = dict(db.execute("SELECT name, local_stamp FROM folders").fetchall())
+    db.close()
+    assert stamps["INBOX"] and stamps["Work"], stamps
+    victim = next(p for p, b in local_files(user.maildir).items() if b == msg(3))
+    victim.unlink()
+    age_dirs(user.maildir)  # even with the mtime put back, the stamp no longer matches
+    s = summary(user.run("sync", "test", "--json"))
+    assert s["totals"]["restored"] == 1
     check_backup_matches_server(user)

@@ -393,3 +393,20 @@ def test_without_uidplus_other_deleted_messages_are_not_expunged(basic_user):
     assert s["totals"]["deleted_remote"] == 1
     assert sorted(sha(b) for b, _ in u.server_messages()["INBOX"].values()) == sorted([sha(msg(2)), sha(msg(3))])
     assert len(local_files(u.maildir)) == 2
+
+
+def test_local_changes_after_a_skipped_run_still_reach_the_server(su):
+    """The no-change fast path (cur/ and new/ unchanged since last found in step) never hides a
+    local flag change or deletion made afterwards, even one that keeps the directory's mtime."""
+    from tests.test_backup import age_dirs
+    su.append("INBOX", [msg(1), msg(2), msg(3)])
+    run(su)
+    age_dirs(su.maildir)
+    run(su)  # in step: the stamp is recorded
+    set_local_flags(file_of(su, msg(1)), "FS")
+    file_of(su, msg(2)).unlink()
+    age_dirs(su.maildir, seconds=5)
+    s = run(su)
+    assert s["totals"]["flags_pushed"] == 1 and s["totals"]["deleted_remote"] == 1, s["totals"]
+    flags = server_flags(su)
+    assert sorted(map(sorted, flags.values())) == [[], ["\\Flagged", "\\Seen"]]
