@@ -6,6 +6,7 @@ Every change is committed only after the files it describes are durable.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import sqlite3
@@ -84,6 +85,25 @@ MIGRATIONS: list[str] = [
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
+def _fix(path: Path, exc: OSError | sqlite3.Error) -> str:
+    """How to fix a file mailsync cannot create or write (the state file, the lock file)."""
+    code = exc.errno if isinstance(exc, OSError) else None
+    if code == errno.EROFS:
+        return f"the file system of {path.parent} is read-only; make it writable, then run again"
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return "free some disk space and run again; nothing was lost"
+    return (f"check the owner and permissions of {path.parent} and the files in it (the user running mailsync "
+            "must be able to write them), then run again; nothing was lost")
+
+
+def _cannot_write(exc: sqlite3.Error) -> bool:
+    """SQLite could not write the file or create its -wal/-shm files next to it (permissions, a
+    read-only file system), as opposed to a damaged file."""
+    code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
+    text = str(exc).lower()
+    return code in (3, 8, 14) or "readonly" in text or "unable to open" in text  # PERM, READONLY, CANTOPEN
+
+
 def _row_record(row) -> Record:
     return Record(uid=row["uid"], key=row["key"], flags=decode_flags(row["flags"]),
                   keywords=frozenset(row["keywords"].split("\x1f")) if row["keywords"] else frozenset(),
@@ -109,11 +129,14 @@ class State:
             self.db.execute("PRAGMA foreign_keys=ON")
             self._migrate()
         except sqlite3.DatabaseError as exc:
+            if _cannot_write(exc):
+                raise StorageError(f"cannot write state file {self.path}: {exc}", hint=_fix(self.path, exc)) from None
             raise StorageError(f"state file {self.path} is unreadable: {exc}",
                                hint="move it aside and run again: files already in the Maildir are matched by content "
                                     "and not stored twice") from None
         except OSError as exc:
-            raise StorageError(f"cannot open state file {self.path}: {exc.strerror}") from None
+            raise StorageError(f"cannot open state file {self.path}: {exc.strerror}",
+                               hint=_fix(self.path, exc)) from None
 
     def _migrate(self) -> None:
         version = self.db.execute("PRAGMA user_version").fetchone()[0]
@@ -324,7 +347,8 @@ class RunLock:
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as exc:
-            raise StorageError(f"cannot create lock file {self.path}: {exc.strerror}") from None
+            raise StorageError(f"cannot create lock file {self.path}: {exc.strerror}",
+                               hint=_fix(self.path, exc)) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
