@@ -19,7 +19,7 @@ deps:
 	fi
 
 $(BIN)/mailsync: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
+	$(PYTHON) -m venv --clear $(VENV)
 	$(BIN)/pip install -q --upgrade pip >/dev/null
 	$(BIN)/pip install -q -e '.[test]'
 	@touch $@
