@@ -62,19 +62,24 @@ class _Pool:
 
     def take(self) -> ImapSession:
         while True:
+            got = None
             with self._lock:
                 try:
-                    return self._free.get_nowait()
+                    got = self._free.get_nowait()
                 except queue.Empty:
-                    pass
-                open_new = self._opened < self.size
-                if open_new:
-                    self._opened += 1
-            if not open_new:
+                    open_new = self._opened < self.size
+                    if open_new:
+                        self._opened += 1
+            if got is None and not open_new:
                 try:
-                    return self._free.get(timeout=0.5)
+                    got = self._free.get(timeout=0.5)
                 except queue.Empty:
                     continue  # a session may have been dropped meanwhile: maybe open one
+            if got is not None:
+                if not got.broken:
+                    return got
+                self.drop(got)  # out of step since it was given back: open another
+                continue
             try:
                 s = ImapSession(self.acc, self._password)
             except MailsyncError:
@@ -154,6 +159,8 @@ def _run(acc: Account, state: State, pool: _Pool, session: ImapSession, result: 
     work.sort(key=lambda f: (paths[f.name] != acc.maildir, f.name))
     progress("folders", {"count": len(work)})
     runner = _FolderRunner(acc, state, pool, progress, mode, opts)
+    order = [f.name for f in work]
+    skipped, work = _skip_unchanged(acc, state, session, work, paths, progress, opts)
     if len(work) <= 1 or acc.connections == 1:
         results = [runner(f, paths[f.name]) for f in work]
     else:
@@ -165,10 +172,36 @@ def _run(acc: Account, state: State, pool: _Pool, session: ImapSession, result: 
             ex.shutdown(wait=True, cancel_futures=True)
             raise
         ex.shutdown()
-    result.folders.extend(results)
+    by_name = {r.name: r for r in skipped + results}
+    result.folders.extend(by_name[n] for n in order if n in by_name)
     fatal = next((r for r in results if isinstance(getattr(r, "_fatal", None), StorageError)), None)
     if fatal is not None:
         raise fatal._fatal  # type: ignore[attr-defined]
+
+
+def _skip_unchanged(acc: Account, state: State, session: ImapSession, work: list[FolderInfo],
+                    paths: dict[str, Path], progress: Progress, opts: Options):
+    """Before the pool starts: on the first connection, set aside the folders that are unchanged
+    on both sides (FolderJob.quick_skip: one STATUS and two stat() calls each), so a run where
+    little changed opens no further connections. Returns (their results, the folders left)."""
+    if opts.dry_run or not session.condstore:
+        return [], work
+    skipped: list[FolderResult] = []
+    left: list[FolderInfo] = []
+    for i, info in enumerate(work):
+        res = FolderResult(name=info.name)
+        try:
+            quick = FolderJob(acc, state, session, info, paths[info.name], res, progress, threading.Event(),
+                              opts).quick_skip()
+        except (MailsyncError, OSError, sqlite3.Error):
+            return skipped, left + work[i:]  # the folder workers deal with it (and report it)
+        if quick:
+            res.skipped = True
+            skipped.append(res)
+            progress("folder_done", {"result": res})
+        else:
+            left.append(info)
+    return skipped, left
 
 
 class _FolderRunner:
