@@ -29,11 +29,34 @@ def _human(n: float) -> str:
     return f"{n:.1f} GB"
 
 
+def _show(text) -> str:
+    """Server-chosen text (a folder name, an error quoting one) made safe for one terminal line:
+    control characters (C0, DEL, C1), line and paragraph separators, bidi controls and lone
+    surrogates are shown escaped (\\x1b, \\u2028, \\ud834), never written raw."""
+    s = str(text)
+    if s.isprintable():
+        return s
+    return "".join(c if c.isprintable() or c == " " else
+                   (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}" if ord(c) < 0x10000
+                    else f"\\U{ord(c):08x}") for c in s)
+
+
+def _json(obj) -> str:
+    """JSON for stdout: UTF-8 as it is, unless a name holds a lone surrogate (invalid UTF-7 from
+    the server), which only an ASCII escape can carry."""
+    text = json.dumps(obj, indent=2, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = json.dumps(obj, indent=2, ensure_ascii=True)
+    return text
+
+
 def _fail(exc: BaseException, debug: bool) -> None:
     if isinstance(exc, MailsyncError):
         if debug:
             traceback.print_exc()
-        typer.echo(f"mailsync: error: {exc}", err=True)
+        typer.echo(f"mailsync: error: {_show(exc)}", err=True)
         raise typer.Exit(exc.exit_code)
     if debug:
         traceback.print_exc()
@@ -73,20 +96,20 @@ class _Bars:
         if event == "folder_start":
             self.msgs.total += data["messages"]
             self.bytes.total += data["bytes"]
-            self.msgs.set_description(data["folder"][:30])
+            self.msgs.set_description(_show(data["folder"])[:30])
             self.msgs.refresh()
             self.bytes.refresh()
         elif event == "message":
             self.msgs.update(1)
             self.bytes.update(data["bytes"])
         elif event == "retry":
-            self.msgs.write(f"{data['folder']}: {data['error']}; retrying in {data['delay']} s")
+            self.msgs.write(f"{_show(data['folder'])}: {_show(data['error'])}; retrying in {data['delay']} s")
         elif event == "folder_done":
             f = data["result"]
             if f.error:
-                self.msgs.write(f"{f.name}: failed: {f.error}")
+                self.msgs.write(f"{_show(f.name)}: failed: {_show(f.error)}")
             elif f.new or f.refetched or f.flags_changed or f.gone:
-                self.msgs.write(f"{f.name}: {f.new + f.refetched} new ({_human(f.bytes)}), "
+                self.msgs.write(f"{_show(f.name)}: {f.new + f.refetched} new ({_human(f.bytes)}), "
                                 f"{f.flags_changed} flags changed, {f.gone} gone, {f.seconds:.1f} s")
 
     def close(self) -> None:
@@ -153,16 +176,16 @@ def sync(
         else:
             code = PartialFailure.exit_code
     if as_json:
-        typer.echo(json.dumps(_summary(result, code), indent=2, ensure_ascii=False))
+        typer.echo(_json(_summary(result, code)))
     if dry_run and not as_json:
         typer.echo(_dry_run_text(result))
     for f in result.folders:
         for c in f.conflicts:
-            typer.echo(f"mailsync: conflict: {f.name}: {c}", err=True)
+            typer.echo(f"mailsync: conflict: {_show(f.name)}: {_show(c)}", err=True)
         for n in f.notices:  # notices go to stderr even with --quiet: cron mails them
-            typer.echo(f"mailsync: notice: {f.name}: {n}", err=True)
+            typer.echo(f"mailsync: notice: {_show(f.name)}: {_show(n)}", err=True)
     for f in failed:
-        typer.echo(f"mailsync: error: {f.name}: {f.error}", err=True)
+        typer.echo(f"mailsync: error: {_show(f.name)}: {_show(f.error)}", err=True)
     if not quiet and not as_json and not dry_run:
         typer.echo(_line(result))
     if failed and not as_json:
@@ -300,10 +323,10 @@ def verify(
 
 def _transfer_out(report, as_json: bool, quiet: bool) -> None:
     if as_json:
-        typer.echo(json.dumps(report.to_json(), indent=2, ensure_ascii=False))
+        typer.echo(_json(report.to_json()))
     for f in report.folders:
         for e in f.errors:
-            typer.echo(f"mailsync: error: {f.name}: {e}", err=True)
+            typer.echo(f"mailsync: error: {_show(f.name)}: {_show(e)}", err=True)
     if not as_json and not quiet:
         typer.echo(report.line())
     bad = [f for f in report.folders if f.errors or f.failed]
@@ -395,14 +418,14 @@ def _line(r) -> str:
 def _dry_run_text(r) -> str:
     lines = [f"{r.account}: dry run, nothing was changed"]
     for name in r.created:
-        lines.append(f"  create folder on server: {name}")
+        lines.append(f"  create folder on server: {_show(name)}")
     for f in r.folders:
         p = f.plan
         if f.error:
-            lines.append(f"  {f.name}: {f.error}")
+            lines.append(f"  {_show(f.name)}: {_show(f.error)}")
         if p is None or getattr(p, "empty", True):
             continue
-        lines.append(f"  {f.name}:")
+        lines.append(f"  {_show(f.name)}:")
         for label, items in (("download from server", p.fetch), ("upload to server", p.upload),
                              ("download again (removed locally, changed on server)", p.refetch),
                              ("upload again (expunged on server, changed locally)", p.reupload),

@@ -483,6 +483,58 @@ def test_map_paths_reports_collision_instead_of_merging():
         assert len(set(out.values())) == len(out) == 3
 
 
+def test_map_paths_reports_names_that_cannot_be_stored():
+    """A name that is not valid text (a lone surrogate: what invalid modified UTF-7 from the server
+    decodes to), a name longer than a directory name can be, a path deeper than the file system
+    allows, and one name listed twice: each is reported for that folder; the rest are mapped."""
+    folders = [FolderInfo("INBOX", ".", ()), FolderInfo("bad\ud834", ".", ()), FolderInfo("L" * 300, ".", ()),
+               FolderInfo(".".join(["D" * 250] * 20), ".", ()), FolderInfo("Twice", ".", ()),
+               FolderInfo("Twice", ".", ()), FolderInfo("L" * 200, ".", ())]
+    for layout in LAYOUTS:
+        for utf8 in (False, True):
+            out, errors = map_paths(folders, ROOT, layout, utf8)
+            assert set(out) == {"INBOX", "Twice", "L" * 200}
+            assert "invalid modified UTF-7" in errors["bad\ud834"]
+            assert "bytes long" in errors["L" * 300] and "!NAME" in errors["L" * 300]
+            assert "bytes long" in errors[".".join(["D" * 250] * 20)]
+            assert "more than once" in errors["Twice"]
+            assert not any("\ud834" in e for e in errors.values())
+
+
+def test_collision_message_never_carries_a_raw_control_character():
+    # one name split on '.', the other on '/': the same parts, so the same directory
+    folders = [FolderInfo("a\x1b[31m.b", ".", ()), FolderInfo("a\x1b[31m/b", "/", ())]
+    for layout in LAYOUTS:
+        out, errors = map_paths(folders, ROOT, layout, False)
+        assert list(out) == ["a\x1b[31m.b"]
+        assert errors["a\x1b[31m/b"].startswith("maps to the same directory as 'a\\x1b[31m.b'")
+        assert "\x1b" not in errors["a\x1b[31m/b"]
+
+
+@pytest.mark.parametrize("text, shown", [
+    ("Inbox", "Inbox"),
+    ("Entwürfe 📧", "Entwürfe 📧"),
+    ("evil\r\nmailsync: error: fake", "evil\\x0d\\x0amailsync: error: fake"),
+    ("esc\x1b[31mred", "esc\\x1b[31mred"),
+    ("nul\x00 c1\x85 del\x7f", "nul\\x00 c1\\x85 del\\x7f"),
+    ("rtl\u202etxt\u2028", "rtl\\u202etxt\\u2028"),
+    ("bad\ud834", "bad\\ud834"),
+])
+def test_cli_shows_server_text_on_one_safe_line(text, shown):
+    from mailsync.cli import _show
+    assert _show(text) == shown
+
+
+def test_cli_json_carries_a_lone_surrogate_as_an_escape():
+    import json
+
+    from mailsync.cli import _json
+    assert _json({"name": "Entwürfe"}) == json.dumps({"name": "Entwürfe"}, indent=2, ensure_ascii=False)
+    text = _json({"name": "bad\ud834"})
+    text.encode("utf-8")  # printable on any UTF-8 stdout
+    assert json.loads(text) == {"name": "bad\ud834"}
+
+
 # ============================================================================ 6. IMAP helpers
 
 @pytest.mark.parametrize("uids, expected", [
