@@ -42,14 +42,17 @@ def _show(text) -> str:
 
 
 def _json(obj) -> str:
-    """JSON for stdout: UTF-8 as it is, unless a name holds a lone surrogate (invalid UTF-7 from
-    the server), which only an ASCII escape can carry."""
+    """JSON for stdout: UTF-8 as it is, except that control characters a server put in a name are
+    written as \\u escapes, and a lone surrogate (invalid UTF-7 from the server) makes it ASCII."""
     text = json.dumps(obj, indent=2, ensure_ascii=False)
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        text = json.dumps(obj, indent=2, ensure_ascii=True)
-    return text
+        return json.dumps(obj, indent=2, ensure_ascii=True)
+    if text.isprintable() or all(c.isprintable() or c in " \n" for c in text):
+        return text
+    # other control characters (C1, separators, bidi) only occur inside strings: \u escapes there
+    return "".join(c if c.isprintable() or c in " \n" else json.dumps(c)[1:-1] for c in text)
 
 
 def _fail(exc: BaseException, debug: bool) -> None:

@@ -150,11 +150,22 @@ def _run(acc: Account, state: State, pool: _Pool, session: ImapSession, result: 
     listed = session.list_folders()
     if mode == "sync":
         listed += _create_missing(acc, state, session, listed, result, opts)
-    infos = [f for f in listed if selected(f.name, acc.folders)]
+    infos = []
+    for f in listed:
+        if not selected(f.name, acc.folders):
+            continue
+        if f.error:
+            result.folders.append(FolderResult(name=f.name, error=f.error))
+        else:
+            infos.append(f)
     paths, collisions = map_paths(infos, acc.maildir, acc.layout, acc.utf8_names)
     for name, why in collisions.items():
         result.folders.append(FolderResult(name=name, error=why))
-    work = [f for f in infos if f.name in paths]
+    work, seen = [], set()
+    for f in infos:  # a name the server lists twice is worked on once (map_paths reported it)
+        if f.name in paths and f.name not in seen:
+            seen.add(f.name)
+            work.append(f)
     # the root Maildir (INBOX) first, so the tree is a valid Maildir even if interrupted
     work.sort(key=lambda f: (paths[f.name] != acc.maildir, f.name))
     progress("folders", {"count": len(work)})

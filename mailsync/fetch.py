@@ -22,6 +22,7 @@ from datetime import datetime, timedelta, timezone
 
 from mailsync.errors import ConnectionLost, ServerError
 
+MAX_UID = 2**32 - 1           # UIDs are 32-bit (RFC 3501 nz-number)
 MAX_LINE = 1 << 20            # one response line without its literals
 MAX_SMALL_LITERAL = 4 << 20   # a literal that is not a message body (header fields, names)
 CHUNK = 1 << 20               # bodies are copied in pieces of this size
@@ -77,13 +78,19 @@ _BODY_BEFORE = re.compile(rb"(?:BODY\[\]|BINARY\[\]|RFC822)(?:<\d+>)?\s*$", re.I
 _FETCH_START = re.compile(rb"\* (\d+) FETCH ", re.I)
 _TOKEN = re.compile(rb'[ \t]*(?:(\()|(\))|"((?:[^"\\\r\n]|\\.)*)"|([^\s()"{]+?(?:\[[^\]\r\n]*\](?:<[\d.]+>)?)?(?=[\s()]|$)))')
 _UNQUOTE = re.compile(rb"\\(.)")
+# the FETCH items of RFC 3501, CONDSTORE, BINARY, OBJECTID, SAVEDATE, PREVIEW, and X- extensions
+_KNOWN_ITEM = re.compile(rb"(?:UID|FLAGS|INTERNALDATE|RFC822(?:\.SIZE|\.HEADER|\.TEXT)?|BODY(?:STRUCTURE)?|"
+                         rb"ENVELOPE|MODSEQ|BINARY(?:\.SIZE)?|EMAILID|THREADID|SAVEDATE|PREVIEW|ANNOTATION|"
+                         rb"X-[A-Z0-9.-]+)(?:\[[^\]]*\](?:<\d+(?:\.\d+)?>)?)?\Z")
 
 
 def read_fetch(imap, tag: bytes, open_body: Callable[[int], BodyWriter], where: str,
-               max_body: int | None = None) -> Iterator[Fetched]:
+               max_body: int | None = None, required: frozenset[bytes] = frozenset()) -> Iterator[Fetched]:
     """Yield each FETCH response to the command `tag` (already sent) that carries a UID, as it
     arrives, until the tagged reply. Bodies go to open_body(size). A body bigger than max_body
-    (if given) is refused as a protocol error before a byte of it is stored."""
+    (if given) is refused as a protocol error before a byte of it is stored. A response with a
+    body must also carry the items in `required` (what was asked for): a literal whose announced
+    size is wrong swallows the start of the next item, and this is how that shows."""
     f = imap.file
     pending: list[BodyWriter] = []  # opened for the response being read, not yet handed on
     try:
@@ -143,6 +150,17 @@ def read_fetch(imap, tag: bytes, open_body: Callable[[int], BodyWriter], where: 
                     raise ProtocolError(f"{where} sent a message without its UID",
                                         hint="the server is misbehaving; nothing of it was stored")
                 continue  # an unsolicited flag update (another client), not an answer
+            if not 0 < int(uid) <= MAX_UID:
+                raise ProtocolError(f"{where} sent UID {uid[:40].decode()}, outside 1..{MAX_UID}",
+                                    hint="the server is misbehaving; the folder is tried again next run")
+            for key in items:
+                if not _KNOWN_ITEM.match(key):
+                    raise ProtocolError(f"{where} sent a FETCH response with an unknown item "
+                                        f"{_show(key)}", hint="the server is misbehaving; nothing of it was stored")
+            if b"BODY[]" in items and items[b"BODY[]"] is not None and not required <= items.keys():
+                raise ProtocolError(f"{where} sent a message without "
+                                    f"{', '.join(k.decode() for k in sorted(required - items.keys()))}",
+                                    hint="the server is misbehaving; nothing of it was stored")
             pending.clear()
             yield Fetched(int(uid), items)
     except BaseException:

@@ -135,7 +135,10 @@ class FolderJob:
             self.sel = sel = counters
         else:
             self.sel = sel = s.select(self.info.name) if writable else s.examine(self.info.name)
-        self.validity = validity = sel.get("uidvalidity") or self.st["uidvalidity"]
+        self.validity = validity = sel.get("uidvalidity") or self.st.get("uidvalidity")
+        if not validity or not 0 < validity < 2**32:
+            raise ServerError(f"{s.where} did not report a valid UIDVALIDITY for this folder",
+                              hint="the server is misbehaving; nothing in this folder was changed")
         self.same_validity = f["uidvalidity"] == validity
         if f["uidvalidity"] is not None and not self.same_validity:
             self.res.notices.append(
@@ -297,7 +300,7 @@ class FolderJob:
             if not self.same_validity:
                 tx.mark_old_gone(self.fid, self.validity)
             tx.save_folder(self.fid, uidvalidity=self.validity,
-                           uidnext=self.sel.get("uidnext") or self.st["uidnext"],
+                           uidnext=self.sel.get("uidnext") or self.st.get("uidnext"),
                            highestmodseq=self.sel.get("highestmodseq") if self.s.condstore else None,
                            messages=self.exists, local_stamp=local_stamp(self.path))
         crashpoint.hit("folder")

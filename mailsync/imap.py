@@ -20,7 +20,7 @@ from imapclient import IMAPClient
 from imapclient import exceptions as imapx
 from imapclient.response_parser import parse_fetch_response
 
-from mailsync import fetch
+from mailsync import fetch, utf7
 from mailsync.config import Account
 from mailsync.errors import AuthError, ConnectError, ConnectionLost, MailsyncError, ServerError, TLSError
 from mailsync.model import normalise_flags
@@ -28,6 +28,7 @@ from mailsync.model import normalise_flags
 log = logging.getLogger("mailsync.imap")
 
 BODY_ITEMS = [b"BODY.PEEK[]", b"FLAGS", b"INTERNALDATE"]
+BODY_ANSWER = frozenset({b"UID", b"BODY[]", b"FLAGS", b"INTERNALDATE"})  # what a body answer must carry
 
 
 def fingerprint_hex(der: bytes) -> str:
@@ -116,6 +117,7 @@ class FolderInfo:
     name: str                 # UTF-8, as users see it
     delimiter: str | None
     flags: tuple[str, ...]
+    error: str = ""           # the name cannot be used as listed (reported, never worked on)
 
     @property
     def parts(self) -> list[str]:
@@ -208,22 +210,46 @@ class ImapSession:
     # -- folders ----------------------------------------------------------------------
 
     def list_folders(self) -> list[FolderInfo]:
+        """The selectable folders. Names are decoded from modified UTF-7 here, strictly: a name
+        that is not valid, or not spelled the one canonical way (so that encoding it again would
+        name another folder), is returned with `error` set instead of being guessed at."""
+        self.client.folder_encode = False  # raw names: imapclient's decoder is lenient, and raises
+        try:
+            listed = self._call(self.client.list_folders)
+        finally:
+            self.client.folder_encode = True
         out = []
-        for flags, delim, name in self._call(self.client.list_folders):
+        for flags, delim, raw in listed:
             fl = tuple(f.decode() if isinstance(f, bytes) else str(f) for f in flags)
             if any(f.lower() in ("\\noselect", "\\nonexistent") for f in fl):
                 continue
-            if isinstance(name, bytes):
-                name = name.decode("utf-8", "replace")
             if isinstance(delim, bytes):
-                delim = delim.decode()
-            out.append(FolderInfo(name=name, delimiter=delim or None, flags=fl))
+                delim = delim.decode("ascii", "backslashreplace")
+            if raw is None:
+                raw = b"NIL"  # a mailbox may be called NIL: the parser reads the atom as nothing
+            elif isinstance(raw, int):
+                raw = str(raw).encode()
+            elif isinstance(raw, str):
+                raw = raw.encode("utf-8", "surrogateescape")
+            error = ""
+            try:
+                name = utf7.decode(raw.decode("ascii"))
+            except (UnicodeDecodeError, ValueError) as exc:
+                name = raw.decode("ascii", "backslashreplace")
+                why = str(exc) if isinstance(exc, ValueError) else "bytes outside ASCII"
+                error = (f"the server lists a folder name that is not valid modified UTF-7 ({why}); "
+                         "skipped: rename it on the server to back it up")
+            out.append(FolderInfo(name=name, delimiter=delim or None, flags=fl, error=error))
         return out
 
     def status(self, name: str) -> dict[str, int]:
         items = [b"MESSAGES", b"UIDNEXT", b"UIDVALIDITY"] + ([b"HIGHESTMODSEQ"] if self.condstore else [])
         raw = self._call(self.client.folder_status, name, items)
-        return {k.decode().lower(): int(v) for k, v in raw.items()}
+        try:
+            return {k.decode().lower(): int(v) for k, v in raw.items()}
+        except (ValueError, TypeError, AttributeError):
+            raise ServerError(f"{self.where} answered STATUS with values that are not numbers",
+                              hint="the server is misbehaving") from None
 
     def examine(self, name: str) -> dict[str, int]:
         """EXAMINE (read-only SELECT): the folder's counters."""
@@ -232,10 +258,14 @@ class ImapSession:
     def select(self, name: str, readonly: bool = False) -> dict[str, int]:
         raw = self._call(self.client.select_folder, name, readonly=readonly)
         out = {}
-        for k, v in raw.items():
-            key = k.decode().lower() if isinstance(k, bytes) else str(k).lower()
-            if key in ("uidvalidity", "uidnext", "exists", "highestmodseq"):
-                out[key] = int(v[0] if isinstance(v, list) else v)
+        try:
+            for k, v in raw.items():
+                key = k.decode().lower() if isinstance(k, bytes) else str(k).lower()
+                if key in ("uidvalidity", "uidnext", "exists", "highestmodseq"):
+                    out[key] = int(v[0] if isinstance(v, list) else v)
+        except (ValueError, TypeError, IndexError):
+            raise ServerError(f"{self.where} answered SELECT with counters that are not numbers",
+                              hint="the server is misbehaving") from None
         return out
 
     # -- messages ---------------------------------------------------------------------
@@ -252,7 +282,8 @@ class ImapSession:
         def run():
             tag = self._send_fetch(seqset, items, modifiers)
             out: dict[int, dict] = {}
-            for got in fetch.read_fetch(self.client._imap, tag, fetch.MemoryBody, self.where):
+            need = BODY_ANSWER if items == BODY_ITEMS else frozenset()
+            for got in fetch.read_fetch(self.client._imap, tag, fetch.MemoryBody, self.where, required=need):
                 d = out.setdefault(got.uid, {})
                 for k, v in got.items.items():
                     if k == b"FLAGS":
@@ -272,7 +303,7 @@ class ImapSession:
         body copied into open_body(size) as it arrives. UIDs the server did not answer are not
         yielded (the caller checks). A writer the caller got is the caller's to keep or discard."""
         tag = self._guarded(lambda: self._send_fetch(seqset(uids), BODY_ITEMS))
-        it = fetch.read_fetch(self.client._imap, tag, open_body, self.where, max_body)
+        it = fetch.read_fetch(self.client._imap, tag, open_body, self.where, max_body, BODY_ANSWER)
         done = False
         try:
             while True:

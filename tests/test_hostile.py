@@ -242,9 +242,6 @@ def test_names_that_collide_after_mapping_are_reported_not_merged(tmp_path):
         acc.srv.close()
 
 
-@pytest.mark.xfail(strict=False, reason="pending: a name listed twice, or two raw names that decode to one "
-                   "name, is worked on twice at once (engine.py builds its work list by name; imap.py "
-                   "list_folders decodes non-canonical UTF-7) - a message is stored twice")
 def test_names_that_decode_to_one_name_are_reported_once_and_never_stored_twice(tmp_path):
     """"a" and "&AGE-" (a non-canonical spelling of "a"), "+" and "&" (not UTF-7, read as "+"),
     "nul&AAA-x" and a raw NUL, one folder listed twice: kept distinct or reported, never two
@@ -269,9 +266,6 @@ def test_names_that_decode_to_one_name_are_reported_once_and_never_stored_twice(
         acc.srv.close()
 
 
-@pytest.mark.xfail(strict=False, reason="pending: LIST names that are not modified UTF-7 ('&B-', '&,,,-') or "
-                   "the atom NIL end the whole run with an internal error (imap.py list_folders: imapclient's "
-                   "decoder raises UnicodeDecodeError; NIL comes back as None and folders.selected fails)")
 @pytest.mark.parametrize("raw, wire", [(b"&B-", "quoted"), (b"&,,,-", "quoted"), (b"NIL", "atom")],
                          ids=["partial-utf16", "padding-bits", "NIL-atom"])
 def test_names_that_do_not_decode_fail_only_their_folder(tmp_path, raw, wire):
@@ -298,14 +292,6 @@ def test_names_that_do_not_decode_fail_only_their_folder(tmp_path, raw, wire):
 MODES = list(hostile.FAULTS)
 TOLERABLE = {"size_garbage"}  # a size is only a batching hint: reading past it is also fine
 
-PENDING = {
-    "short_literal": "pending streaming fetch: a literal announced 7 bytes longer than the message swallows "
-                     "' INTERN' of the next item; the body is stored with those bytes appended, exit 0",
-    "huge_uid": "pending: UIDs beyond 32 bits in (FLAGS RFC822.SIZE) are accepted; their bodies never come, "
-                "the folder is read as empty and its UIDNEXT saved, exit 0: the mail is never backed up",
-    "no_uidvalidity": "pending: STATUS/SELECT without UIDVALIDITY: KeyError 'uidvalidity' in "
-                      "folderjob.read_server ends the whole run (exit 1)",
-}
 
 
 @dataclass
@@ -345,8 +331,7 @@ def _exactly(stored: dict[str, list[bytes]], rel: str, folder: hostile.Folder) -
         (rel, len(stored.get(rel, [])), len(folder.messages))
 
 
-@pytest.mark.parametrize("mode", [pytest.param(m, marks=pytest.mark.xfail(strict=False, reason=PENDING[m]))
-                                  if m in PENDING else m for m in MODES])
+@pytest.mark.parametrize("mode", MODES)
 def test_malformed_response_fails_only_its_folder(malformed, mode):
     res = malformed[mode]
     acc, (inbox, good, bad, zed), r = res.acc, res.folders, res.first
