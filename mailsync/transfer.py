@@ -108,6 +108,7 @@ class Destination:
         if name not in self.folders and name.upper() != "INBOX":
             self.s.create(name)
             self.folders[name] = FolderInfo(name=name, delimiter=self.delim, flags=())
+            crashpoint.hit("created")
 
     def index(self, name: str) -> tuple[dict[tuple[str, int], list[int]], dict[int, list[int]], dict[int, frozenset]]:
         """(Message-ID, size) -> UIDs; size -> UIDs without Message-ID; UID -> flags|keywords."""
@@ -237,6 +238,7 @@ def restore(acc: Account, password: str, source: Path, *, layout: str | None = N
                 res.bytes += len(data)
                 progress("message", {"folder": name, "bytes": len(data)})
             res.seconds = time.monotonic() - ft
+            crashpoint.hit("folder")
         for p in bad:
             report.folders.append(CopyResult(name=str(p), errors=["directory name is not a valid folder name"]))
     finally:
@@ -329,6 +331,7 @@ def migrate(src_acc: Account, dst_acc: Account, src_pw: str, dst_pw: str, *, del
                 except ServerError as exc:
                     res.errors.append(str(exc))
                 res.seconds = time.monotonic() - ft
+                crashpoint.hit("folder")
         finally:
             d.close()
     finally:
@@ -423,3 +426,4 @@ def _migrate_folder(src, dst, state, f, name, res, src_acc, delete, force, progr
                 res.copied += 1
                 res.bytes += len(body)
                 progress("message", {"folder": f.name, "bytes": len(body)})
+        crashpoint.hit("recorded")

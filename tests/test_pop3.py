@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sqlite3
 import time
@@ -171,3 +172,33 @@ def test_lost_state_file_adopts_existing_files(pu):
     s = run(pu)
     assert s["totals"]["new"] == 0
     assert sorted(local_files(pu.maildir).values()) == sorted(msgs)
+
+
+@pytest.mark.parametrize("kind", ["wronghost", "expired", "pin"])
+def test_pop3_refuses_bad_certificates_and_shows_the_fingerprint(pu, dovecot, tmp_path, kind):
+    """Wrong host, expired, or not the pinned one: exit 4, the certificate's SHA-256 shown,
+    nothing downloaded."""
+    import ssl
+
+    from tests.test_errors import one_line_error
+    ca = dovecot.root / "ca"
+    seed(pu, n=2)
+    if kind == "pin":
+        cert = ca / "server.pem"  # Dovecot's own certificate, but the pin names another one
+        pu.write_config('protocol = "pop3"\nfingerprint = "sha256:' + ":".join(["AB"] * 32) + '"',
+                        port=pu.server.pop3s_port, ca=False)
+        r = pu.run("sync", "test")
+        line = one_line_error(r, 4, "does not match the pinned fingerprint")
+    else:
+        cert, key = faults.make_cert(tmp_path, ca / "ca.pem", ca / "ca.key", kind,
+                                     hosts=["wrong.example"] if kind == "wronghost" else ["127.0.0.1"],
+                                     expired=kind == "expired")
+        with faults.TlsGreeter(cert, key) as srv:
+            pu.write_config('protocol = "pop3"', port=srv.port)
+            r = pu.run("sync", "test")
+        line = one_line_error(r, 4, "not accepted")
+        assert ("expired" in line) if kind == "expired" else ("match" in line.lower()), line
+    der = ssl.PEM_cert_to_DER_cert(cert.read_text())
+    fp = hashlib.sha256(der).hexdigest().upper()
+    assert f"SHA-256 {':'.join(fp[i:i + 2] for i in range(0, 64, 2))}" in line, line
+    assert local_files(pu.maildir) == {}
