@@ -290,12 +290,12 @@ def seed_three_folders(u: MailUser) -> None:
 BACKUP_POINTS = crash("staged:1", "staged:4", "staged:8", "recorded:1", "recorded:3", "recorded:6",
                       "recorded:9", "published:1", "published:6", "published:13", "published:22",
                       "published:30", "published:36", "folder:1", "folder:2", "folder:3") \
-    + by_time(files=[2, 9, 17, 26], delays=[0.3, 0.6])
+    + by_time(files=[2, 9, 17, 26], delays=[0.15, 0.4])
 
 POP3_POINTS = crash("staged:1", "staged:2", "staged:4", "staged:6", "recorded:1", "recorded:3",
                     "recorded:5", "recorded:6", "published:1", "published:4", "published:9",
                     "published:12", "published:15", "published:21", "published:27", "published:30") \
-    + by_time(files=[3, 10, 17, 24], delays=[0.35, 0.7])
+    + by_time(files=[3, 10, 17, 24], delays=[0.2, 0.45])
 
 
 def download_sweep(launch: Launcher, user: MailUser, tmp_path: Path, points: list[Point], extra: str,
@@ -356,7 +356,7 @@ SYNC_POINTS = crash("upload-journaled:1", "upload-journaled:4", "upload-journale
                     "appended:5", "appended:6", "expunged:1", "expunged:2", "staged:1", "staged:3",
                     "recorded:1", "recorded:2", "recorded:3", "published:1", "published:7", "published:14",
                     "folder:1", "folder:2") \
-    + by_time(files=[2, 6, 11], delays=[0.3, 0.6]) + [Point("server-files", 3)]
+    + by_time(files=[2, 6, 11], delays=[0.15, 0.4]) + [Point("server-files", 3)]
 
 SYNC_EXTRA = 'mode = "sync"\nbatch_bytes = 65536\nconnections = 2'
 
@@ -487,12 +487,12 @@ def test_sync_killed_at_24_points(user, tmp_path):
 MIGRATE_POINTS = crash("created:1", "created:2", "appended:1", "appended:3", "appended:5", "appended:7",
                        "appended:9", "recorded:1", "recorded:2", "recorded:4", "recorded:6", "recorded:8",
                        "recorded:9", "folder:1", "folder:2", "folder:3") \
-    + by_time(files=[3, 12, 20, 28], delays=[0.3, 0.6])
+    + by_time(files=[3, 12, 20, 28], delays=[0.15, 0.4])
 
 RESTORE_POINTS = crash("created:1", "created:2", "appended:1", "appended:4", "appended:9", "appended:12",
                        "appended:15", "appended:16", "appended:17", "appended:22", "appended:28",
                        "appended:33", "appended:36", "folder:1", "folder:2", "folder:3") \
-    + by_time(files=[2, 10, 19, 27], delays=[0.35, 0.7])
+    + by_time(files=[2, 10, 19, 27], delays=[0.2, 0.45])
 
 
 def account(u: MailUser, name: str, password_env: str, extra: str = "") -> str:
