@@ -76,7 +76,7 @@ def decode_flags(text: str | None) -> frozenset[str]:
     return frozenset(text.split()) if text else frozenset()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Record:
     """What the state knows of one message of a folder."""
 

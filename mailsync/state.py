@@ -196,9 +196,22 @@ class State:
 
     def records(self, fid: int, uidvalidity: int) -> dict[int, Record]:
         with self._lock:
-            rows = self.db.execute("SELECT * FROM messages WHERE folder_id=? AND uidvalidity=?",
-                                   (fid, uidvalidity)).fetchall()
-        return {r["uid"]: _row_record(r) for r in rows}
+            cur = self.db.execute("SELECT uid, key, flags, keywords, size, sha256, message_id, on_server "
+                                  "FROM messages WHERE folder_id=? AND uidvalidity=?", (fid, uidvalidity))
+            cur.row_factory = None  # plain tuples: this runs over every message of a folder
+            rows = cur.fetchall()
+        flag_sets: dict[str, frozenset[str]] = {}   # few distinct flag and keyword sets: decode each once
+        kw_sets: dict[str, frozenset[str]] = {}
+        out = {}
+        for uid, key, flags, keywords, size, sha, mid, on_server in rows:
+            fl = flag_sets.get(flags)
+            if fl is None:
+                fl = flag_sets[flags] = decode_flags(flags)
+            kw = kw_sets.get(keywords)
+            if kw is None:
+                kw = kw_sets[keywords] = frozenset(keywords.split("\x1f")) if keywords else frozenset()
+            out[uid] = Record(uid, key, fl, kw, size, sha, mid, bool(on_server))
+        return out
 
     def off_server_records(self, fid: int, uidvalidity: int) -> list[tuple[int, Record]]:
         """(row id, record) of a folder's messages not (or no longer) known on the server: those of
