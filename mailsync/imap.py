@@ -277,14 +277,17 @@ class ImapSession:
             args.append("(" + " ".join(modifiers) + ")")
         return imap._command(*args)
 
-    def _fetch(self, seqset: str, items: list[bytes], modifiers: list[str] | None = None) -> dict[int, dict]:
-        """UID FETCH with a sequence set (ranges like 5:* too): UID -> items, bodies in memory."""
+    def _fetch(self, seqset: str, items: list[bytes], modifiers: list[str] | None = None,
+               each=None) -> dict[int, dict]:
+        """UID FETCH with a sequence set (ranges like 5:* too): UID -> items, bodies in memory.
+        With `each`, every answer is handed to each(uid, items) as it arrives instead, and nothing
+        is collected (large listings: no dict per message held)."""
         def run():
             tag = self._send_fetch(seqset, items, modifiers)
             out: dict[int, dict] = {}
             need = BODY_ANSWER if items == BODY_ITEMS else frozenset()
             for got in fetch.read_fetch(self.client._imap, tag, fetch.MemoryBody, self.where, required=need):
-                d = out.setdefault(got.uid, {})
+                d = {} if each is not None else out.setdefault(got.uid, {})
                 for k, v in got.items.items():
                     if k == b"FLAGS":
                         v = fetch.flag_list(v)
@@ -295,6 +298,8 @@ class ImapSession:
                     elif isinstance(v, fetch.MemoryBody):
                         v = v.value()
                     d[k] = v
+                if each is not None:
+                    each(got.uid, d)
             return out
         return self._guarded(run)
 
@@ -486,17 +491,23 @@ class ImapSession:
         if below_uid <= 1:
             return {}
         mods = [f"CHANGEDSINCE {changedsince}"] if changedsince is not None else None
-        raw = self._fetch(f"1:{below_uid - 1}", [b"FLAGS"], mods)
-        return {uid: normalise_flags(d.get(b"FLAGS", ())) for uid, d in raw.items() if uid < below_uid}
+        out: dict[int, tuple[frozenset[str], frozenset[str]]] = {}
+
+        def each(uid: int, d: dict) -> None:
+            if uid < below_uid:
+                out[uid] = normalise_flags(d.get(b"FLAGS", ()))
+        self._fetch(f"1:{below_uid - 1}", [b"FLAGS"], mods, each=each)
+        return out
 
     def new_messages(self, from_uid: int) -> dict[int, tuple[int, frozenset[str], frozenset[str]]]:
         """UID -> (size, flags, keywords) for messages with UID >= from_uid."""
-        raw = self._fetch(f"{max(from_uid, 1)}:*", [b"FLAGS", b"RFC822.SIZE"])
-        out = {}
-        for uid, d in raw.items():
+        out: dict[int, tuple[int, frozenset[str], frozenset[str]]] = {}
+
+        def each(uid: int, d: dict) -> None:
             if uid >= from_uid:
                 fl, kw = normalise_flags(d.get(b"FLAGS", ()))
                 out[uid] = (int(d.get(b"RFC822.SIZE", 0) or 0), fl, kw)
+        self._fetch(f"{max(from_uid, 1)}:*", [b"FLAGS", b"RFC822.SIZE"], each=each)
         return out
 
     def message_ids(self, uids: Iterable[int]) -> dict[int, tuple[int, str]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 # IMAP system flag <-> Maildir info letter. One table, both directions.
@@ -17,7 +18,20 @@ _CANON = {k.lower(): k for k in FLAG_LETTERS}
 
 
 def normalise_flags(raw) -> tuple[frozenset[str], frozenset[str]]:
-    """Split server flags into (system flags we map, keywords). \\Recent is the server's: dropped."""
+    """Split server flags into (system flags we map, keywords). \\Recent is the server's: dropped.
+    A folder has few distinct flag sets: each is split once and its frozensets shared."""
+    try:
+        return _normalised(tuple(raw))
+    except TypeError:  # unhashable items: not from a server reply
+        return _normalise(raw)
+
+
+@functools.lru_cache(maxsize=4096)
+def _normalised(raw: tuple) -> tuple[frozenset[str], frozenset[str]]:
+    return _normalise(raw)
+
+
+def _normalise(raw) -> tuple[frozenset[str], frozenset[str]]:
     system: set[str] = set()
     keywords: set[str] = set()
     for f in raw:
