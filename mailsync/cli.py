@@ -248,7 +248,7 @@ def compare(
         from mailsync import compare as cmp
         from mailsync import secrets
         d = cmp.compare(ia, pa, secrets.password(ia), secrets.password(pa), keep=keep)
-    typer.echo(json.dumps(d, indent=2, ensure_ascii=False) if as_json else cmp.table(d))
+    typer.echo(_json(d) if as_json else cmp.table(d))
 
 
 @app.command()
@@ -318,7 +318,7 @@ def verify(
         from mailsync import verify as ver
         report = ver.verify(acc, secrets.password(acc), deep=deep)
     if as_json:
-        typer.echo(json.dumps(report.to_json(), indent=2, ensure_ascii=False))
+        typer.echo(_json(report.to_json()))
     elif not (quiet and report.ok):
         typer.echo(report.text())
     raise typer.Exit(report.exit_code)

@@ -67,6 +67,8 @@ class FolderJob:
                  res: FolderResult, progress: Progress, stop: threading.Event, opts: Options) -> None:
         self.acc, self.state, self.s, self.info, self.path = acc, state, s, info, path
         self.res, self.progress, self.stop, self.opts = res, progress, stop, opts
+        self.rel = "." if path == acc.maildir else str(path.relative_to(acc.maildir))  # as the state names it
+        self._unchanged: bool | None = None                      # the STATUS check, once asked
         self.adopted: set[str] = set()                          # local files bound to a server message
         self.push_after: list[tuple[int, frozenset[str]]] = []  # (uid, full flag set) to store
 
@@ -75,9 +77,8 @@ class FolderJob:
     def prepare_local(self) -> None:
         """Folder row, Maildir dirs, scan; finish deliveries a crash interrupted; clean tmp/."""
         acc, state = self.acc, self.state
-        rel = "." if self.path == acc.maildir else str(self.path.relative_to(acc.maildir))
         self.existed = (self.path / "cur").is_dir() or (self.path / "new").is_dir()
-        self.fstate = state.folder(self.info.name, rel)
+        self.fstate = state.folder(self.info.name, self.rel)
         self.fid = self.fstate["id"]
         self.mf = MaildirFolder(self.path, maildirfolder=(self.path != acc.maildir and acc.layout == "maildir++"))
         if not self.opts.dry_run or self.existed:
@@ -96,7 +97,7 @@ class FolderJob:
             self.mf.clean_tmp(keep=self.known_keys - self.on_disk.keys())
 
     def status_unchanged(self) -> bool:
-        if getattr(self, "_unchanged", None) is not None:
+        if self._unchanged is not None:
             return self._unchanged
         f = self.fstate
         self.st = st = self.s.status(self.info.name)
@@ -111,8 +112,7 @@ class FolderJob:
         recorded when they were last found in step with the state; any file added, removed or
         renamed changes them)."""
         f = self.state.folder_row(self.info.name)
-        rel = "." if self.path == self.acc.maildir else str(self.path.relative_to(self.acc.maildir))
-        if self.opts.dry_run or f is None or not f["local_stamp"] or f["path"] != rel:
+        if self.opts.dry_run or f is None or not f["local_stamp"] or f["path"] != self.rel:
             return False
         if f["local_stamp"] != local_stamp(self.path) or self.state.pending_uploads(f["id"]):
             return False

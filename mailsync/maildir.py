@@ -182,11 +182,11 @@ class StagedFile(BodyWriter):
 
     HEAD = 64 * 1024
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, hashed: bool = True) -> None:
         self.key = new_key()
         self.path = folder / "tmp" / self.key
         self.size = 0
-        self._sha = hashlib.sha256()
+        self._sha = hashlib.sha256() if hashed else None
         self.head = b""
         try:
             self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
@@ -194,8 +194,9 @@ class StagedFile(BodyWriter):
             raise storage_error(exc, f"cannot write {self.path}") from None
 
     def write(self, data: bytes) -> None:
-        self._sha.update(data)
-        if len(self.head) < self.HEAD:
+        if self._sha is not None:
+            self._sha.update(data)
+        if self._sha is not None and len(self.head) < self.HEAD:
             self.head += data[:self.HEAD - len(self.head)]
         try:
             view = memoryview(data)
@@ -296,26 +297,11 @@ class MaildirFolder:
         return StagedFile(self.path)
 
     def stage(self, data: bytes, mtime: float | None) -> str:
-        key = new_key()
-        path = self.path / "tmp" / key
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
-            try:
-                view = memoryview(data)
-                while view:
-                    n = os.write(fd, view)
-                    view = view[n:]
-            finally:
-                os.close(fd)
-            if mtime is not None:
-                os.utime(path, (mtime, mtime))
-        except OSError as exc:
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
-            raise storage_error(exc, f"cannot write {path}") from None
-        return key
+        """Write a whole message held in memory to tmp/; returns its key."""
+        f = StagedFile(self.path, hashed=False)
+        f.write(data)
+        f.finish(mtime)
+        return f.key
 
     def sync(self, keys: list[str]) -> None:
         """Make staged files durable, grouped: one syncfs() where the OS has it."""
