@@ -529,6 +529,7 @@ class FolderJob:
                     tx.set_flags(fid, validity, uid, base[uid].flags | {"\\Deleted"}, base[uid].keywords)
             refused_del = self.s.store(plan.delete_remote, frozenset({"\\Deleted"}), frozenset(), unchanged)
             doomed = [u for u in plan.delete_remote if u not in refused_del]
+            crashpoint.hit("marked-deleted")
             if refused_del:
                 self.res.notices.append(f"{len(refused_del)} messages removed locally were changed on the "
                                         "server meanwhile; not deleted there (see conflict on the next run)")
