@@ -4,18 +4,20 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 SUDO    = $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: help deps venv test demo bench clean
+.PHONY: help deps venv test mutants demo bench clean
 
 help:
 	@echo "make demo   - back up sample mail from a throwaway local Dovecot (installs what is missing)"
 	@echo "make test   - run the whole test suite (installs what is missing)"
+	@echo "make mutants - break the code in named ways (tests/mutants.py) and check the tests notice each"
 	@echo "make bench  - benchmarks against the local Dovecot (mailsync vs mbsync, sync, POP3, migrate)"
 
 deps:
-	@if ! command -v dovecot >/dev/null 2>&1 && [ ! -x /usr/sbin/dovecot ] || ! command -v openssl >/dev/null 2>&1; then \
-		echo "Installing Dovecot (dovecot-imapd, dovecot-pop3d) and openssl..."; \
+	@if ! command -v dovecot >/dev/null 2>&1 && [ ! -x /usr/sbin/dovecot ] || ! command -v openssl >/dev/null 2>&1 \
+			|| ! command -v strace >/dev/null 2>&1; then \
+		echo "Installing Dovecot (dovecot-imapd, dovecot-pop3d), openssl and strace..."; \
 		$(SUDO) apt-get update -qq && \
-		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq dovecot-imapd dovecot-pop3d openssl >/dev/null; \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq dovecot-imapd dovecot-pop3d openssl strace >/dev/null; \
 	fi
 
 $(BIN)/mailsync: pyproject.toml
@@ -28,6 +30,9 @@ venv: $(BIN)/mailsync
 
 test: deps venv
 	$(BIN)/python -m pytest -q
+
+mutants: deps venv
+	$(BIN)/python -m tests.mutants
 
 demo: deps venv
 	$(BIN)/python -m tests.demo
