@@ -582,7 +582,8 @@ class FolderJob:
             sha = hashlib.sha256(raw).hexdigest()
             mid = message_id(raw)
             with self.state.transaction() as tx:
-                tx.journal_upload(self.fid, key, self.sel.get("uidnext") or 0, len(data), mid, sha)
+                tx.journal_upload(self.fid, key, self.sel.get("uidnext") or 0, len(data), mid, sha,
+                                  replaces=replaced.get(key))
             crashpoint.hit("upload-journaled")
             when = datetime.fromtimestamp(mtime, timezone.utc)
             uid = self.s.append(self.info.name, data, flags | keywords, when)
@@ -632,13 +633,15 @@ class FolderJob:
             return
         sel = self.s.select(self.info.name)
         self.validity = sel.get("uidvalidity")
-        for key, uidnext, _size, mid, sha in pending:
+        for key, uidnext, _size, mid, sha, replaces in pending:
             uid = None
             if key in self.on_disk:
                 raw = self.mf.read(self.on_disk[key])
                 uid = self.find_uploaded(mid, crlf(raw), uidnext)
             with self.state.transaction() as tx:
                 if uid is not None:
+                    if replaces is not None:  # it put back a message the server expunged: that UID is gone
+                        tx.forget(self.fid, self.validity, [replaces])
                     flags, keywords = self.mf.flags_of(self.on_disk[key][1])
                     tx.add(self.fid, self.validity, Record(uid=uid, key=key, flags=flags, keywords=keywords,
                                                            size=len(raw), sha256=sha, message_id=mid), None)

@@ -81,6 +81,11 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE folders ADD COLUMN local_stamp TEXT;
     """,
+    # 5: an upload that puts back a message the server expunged (conflict = local or union) names
+    # the UID it replaces, so a run killed after the APPEND forgets that UID instead of uploading again
+    """
+    ALTER TABLE uploads ADD COLUMN replaces INTEGER;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -282,17 +287,19 @@ class State:
         self.db.executemany("DELETE FROM messages WHERE folder_id=? AND uidvalidity=? AND uid=?",
                             [(fid, uidvalidity, u) for u in uids])
 
-    def journal_upload(self, fid: int, key: str, uidnext: int, size: int, message_id: str, sha256: str) -> None:
-        self.db.execute("INSERT OR REPLACE INTO uploads(folder_id, key, uidnext, size, message_id, sha256)"
-                        " VALUES (?,?,?,?,?,?)", (fid, key, uidnext, size, message_id, sha256))
+    def journal_upload(self, fid: int, key: str, uidnext: int, size: int, message_id: str, sha256: str,
+                       replaces: int | None = None) -> None:
+        self.db.execute("INSERT OR REPLACE INTO uploads(folder_id, key, uidnext, size, message_id, sha256, replaces)"
+                        " VALUES (?,?,?,?,?,?,?)", (fid, key, uidnext, size, message_id, sha256, replaces))
 
     def clear_upload(self, fid: int, key: str) -> None:
         self.db.execute("DELETE FROM uploads WHERE folder_id=? AND key=?", (fid, key))
 
-    def pending_uploads(self, fid: int) -> list[tuple[str, int, int, str, str]]:
+    def pending_uploads(self, fid: int) -> list[tuple[str, int, int, str, str, int | None]]:
+        """(key, uidnext, size, message_id, sha256, replaced uid or None) of journaled uploads."""
         with self._lock:
             return [tuple(r) for r in self.db.execute(
-                "SELECT key, uidnext, size, message_id, sha256 FROM uploads WHERE folder_id=?", (fid,))]
+                "SELECT key, uidnext, size, message_id, sha256, replaces FROM uploads WHERE folder_id=?", (fid,))]
 
     def pop3_records(self) -> dict[str, sqlite3.Row]:
         with self._lock:

@@ -107,14 +107,32 @@ class TlsGreeter(_Listener):
 
 
 class CutProxy(_Listener):
-    """Forwards to 127.0.0.1:target; the first `cut_connections` connections are cut after
-    `cut_after` bytes have come from the server. Later connections pass untouched."""
+    """Forwards to 127.0.0.1:target; the first `cut_connections` connections are cut once
+    `cut_after` bytes have passed in `direction`: "down" (from the server, the default), "up"
+    (from the client: its commands and uploads) or "both" (the two added up, in the order they
+    pass). Exactly `cut_after` counted bytes are forwarded, then both sides are closed.
+    direction="reply" lets the client's bytes through and cuts before the first byte the server
+    sends once `cut_after` bytes have gone up: the server has done what it was asked (an APPEND
+    whose literal ended past `cut_after` is stored), the client never hears the answer. Later
+    connections pass untouched.
 
-    def __init__(self, target: int, cut_after: int, cut_connections: int = 1) -> None:
+    `cuts` counts the cuts made; `cut_points` holds (connection number, bytes up, bytes down) as
+    forwarded at each cut; `traffic` holds each connection's [bytes up, bytes down] so far, and
+    `chunks` its ("up"|"down", size) reads in order (a pass with cut_connections=0 measures a run)."""
+
+    DIRECTIONS = ("down", "up", "both", "reply")
+
+    def __init__(self, target: int, cut_after: int, cut_connections: int = 1, direction: str = "down") -> None:
+        if direction not in self.DIRECTIONS:
+            raise ValueError(f"direction must be one of {self.DIRECTIONS}, not {direction!r}")
         self.target = target
         self.cut_after = cut_after
         self.cuts_left = cut_connections
+        self.direction = direction
         self.cuts = 0
+        self.cut_points: list[tuple[int, int, int]] = []
+        self.traffic: list[list[int]] = []
+        self.chunks: list[list[tuple[str, int]]] = []
         self._lock = threading.Lock()
         super().__init__()
 
@@ -122,28 +140,55 @@ class CutProxy(_Listener):
         with self._lock:
             cut = self.cuts_left > 0
             self.cuts_left -= 1
+            number = len(self.traffic)
+            moved = [0, 0]  # bytes forwarded up, down
+            self.traffic.append(moved)
+            chunks: list[tuple[str, int]] = []
+            self.chunks.append(chunks)
         try:
             up = socket.create_connection(("127.0.0.1", self.target), timeout=10)
         except OSError:
             conn.close()
             return
         self.conns.append(up)
-        done = threading.Event()
+        done = threading.Event()   # either side ended: close both
+        severed = threading.Event()  # the cut was made: nothing more passes either way
+        limit = self.cut_after if cut else None
 
-        def pump(src, dst, limit):
-            sent = 0
+        def room(way: str) -> int | None:
+            """Bytes from `way` that may still pass before the cut (None: no cut ahead)."""
+            if limit is None:
+                return None
+            if self.direction == "reply":
+                return 0 if way == "down" and moved[0] >= limit else None
+            if self.direction not in (way, "both"):
+                return None
+            counted = {"up": moved[0], "down": moved[1], "both": moved[0] + moved[1]}[self.direction]
+            return max(limit - counted, 0)
+
+        def pump(src, dst, way: str):
+            side = 0 if way == "up" else 1
             try:
                 while not done.is_set():
                     data = src.recv(65536)
                     if not data:
                         break
-                    if limit is not None and sent + len(data) >= limit:
-                        dst.sendall(data[:max(limit - sent, 0)])
-                        with self._lock:
+                    with self._lock:  # the two pumps share the count: one decision at a time
+                        if severed.is_set():
+                            break
+                        chunks.append((way, len(data)))
+                        left = room(way)
+                        last = left is not None and len(data) >= left
+                        if last:
+                            data = data[:left]
+                            severed.set()
+                        moved[side] += len(data)
+                        if last:
                             self.cuts += 1
+                            self.cut_points.append((number, moved[0], moved[1]))
+                    dst.sendall(data)  # outside the lock: a slow reader must not stall the other way
+                    if last:
                         break
-                    dst.sendall(data)
-                    sent += len(data)
             except OSError:
                 pass
             finally:
@@ -155,8 +200,8 @@ class CutProxy(_Listener):
                         pass
                     s.close()
 
-        threading.Thread(target=pump, args=(conn, up, None), daemon=True).start()
-        pump(up, conn, self.cut_after if cut else None)
+        threading.Thread(target=pump, args=(conn, up, "up"), daemon=True).start()
+        pump(up, conn, "down")
 
 
 def make_cert(dirpath: Path, ca_cert: Path, ca_key: Path, name: str, *, hosts: list[str],

@@ -83,6 +83,23 @@ def test_corpus_is_backed_up_byte_exact(user):
     assert "Projects/Été 2026/notes" in {f["name"] for f in s["folders"]}
 
 
+def test_fetching_never_marks_mail_read_in_either_mode(user, tmp_path):
+    """A backup reads folders with EXAMINE; a two-way sync selects them read-write, where only
+    BODY.PEEK[] keeps the download from setting \\Seen on the server (and so in the file name)."""
+    user.append("INBOX", [msg(1), msg(2)])
+    user.append("Work", [msg(3)], flags=[b"\\Flagged"])
+    before = user.server_messages()
+    for mode in ("backup", "sync"):
+        user.write_config(f'mode = "{mode}"', maildir=tmp_path / mode)
+        r = user.run("sync", "test", "--json")
+        assert summary(r)["totals"]["new"] == 3, mode
+        assert user.server_messages() == before, f"{mode}: the server's flags changed"
+        files = local_files(tmp_path / mode)
+        assert sorted(files.values()) == sorted([msg(1), msg(2), msg(3)]), mode
+        assert sorted(split_name(p.name)[1] for p in files) == ["", "", "F"], mode
+        assert all(p.parent.name == "new" for p in files), mode
+
+
 def test_file_modes_dates_and_keywords(user):
     user.append("INBOX", [msg(1)], flags=[b"\\Seen", b"$Label1", b"Important"])
     c = user.imap()
@@ -145,13 +162,15 @@ def test_expunged_on_server_stays_in_backup(user):
     c.logout()
     s = summary(user.run("sync", "test", "--json"))
     assert s["totals"]["gone_from_server"] == 1
-    assert len(local_files(user.maildir)) == 3
+    # all three messages are still in the backup, by content, each once (the expunged one included)
+    assert sorted(local_files(user.maildir).values()) == sorted([msg(1), msg(2), msg(3)])
     rows = sqlite3.connect(user.maildir / ".mailsync.db").execute(
         "SELECT uid, on_server FROM messages ORDER BY uid").fetchall()
     assert rows == [(1, 1), (2, 0), (3, 1)]
     # and a later run does not fetch it or report it again
     s = summary(user.run("sync", "test", "--json"))
     assert s["totals"]["gone_from_server"] == s["totals"]["new"] == 0
+    assert sorted(local_files(user.maildir).values()) == sorted([msg(1), msg(2), msg(3)])
 
 
 def test_file_deleted_locally_is_fetched_again(user):
@@ -162,8 +181,10 @@ def test_file_deleted_locally_is_fetched_again(user):
     victim.unlink()
     s = summary(user.run("sync", "test", "--json"))
     assert s["totals"]["restored"] == 1
-    assert sorted(sha(b) for b in local_files(user.maildir).values()) == sorted(
-        [sha(data), sha(next(b for p, b in local_files(user.maildir).items() if sha(b) != sha(data)))])
+    # against the server (not what mailsync wrote): each of its messages once, by content
+    server = [body for body, _fl in user.server_messages()["INBOX"].values()]
+    assert sorted(sha(b) for b in local_files(user.maildir).values()) == sorted(sha(b) for b in server)
+    assert data in server  # the deleted file's message is one of them: it came back
     check_backup_matches_server(user)
 
 
@@ -176,7 +197,9 @@ def test_mail_client_renaming_files_keeps_identity(user):
         os.rename(p, user.maildir / "cur" / f"{key}:2,S")
     s = summary(user.run("sync", "test", "--json"))
     assert s["totals"]["new"] == s["totals"]["restored"] == 0
-    assert len(local_files(user.maildir)) == 2
+    files = local_files(user.maildir)
+    assert sorted(files.values()) == sorted([msg(1), msg(2)])
+    assert all(p.parent.name == "cur" and p.name.endswith(":2,S") for p in files)  # the reader's names kept
 
 
 def test_folder_patterns_and_fs_layout(user):
@@ -191,7 +214,34 @@ def test_folder_patterns_and_fs_layout(user):
     assert (user.maildir / "Entwürfe" / "new").is_dir()
     assert (user.maildir / "A" / "B" / "new").is_dir()
     assert not (user.maildir / "Trash").exists()
-    assert len(local_files(user.maildir)) == 3
+    files = local_files(user.maildir)
+    assert sorted((str(p.parent.parent.relative_to(user.maildir)), b) for p, b in files.items()) == \
+        [(".", msg(1)), ("A/B", msg(5)), ("Entwürfe", msg(4))]
+
+
+def test_killed_run_leaves_nothing_in_tmp_after_the_next_run(user):
+    """A run killed as by kill -9 right after staging a batch (MAILSYNC_CRASH_AT=staged:1) leaves
+    the batch in tmp/, unrecorded. The next run removes it, stores every message exactly once, and
+    leaves tmp/ holding only another program's recent file (one older than 36 hours is removed):
+    docs/reliability.md, "Two-phase delivery"."""
+    user.append("INBOX", [msg(i, body="x" * 5000) for i in range(20)])
+    user.append("Work", [msg(100 + i, body="y" * 5000) for i in range(10)], flags=[b"\\Seen"])
+    user.write_config("batch_bytes = 65536")
+    r = user.run("sync", "test", env=user.env(MAILSYNC_CRASH_AT="staged:1"))
+    assert r.returncode == 137, r.stderr
+    left = list(user.maildir.rglob("tmp/*"))
+    assert left, "the killed run left nothing in tmp/: the test no longer tests the clean-up"
+    assert local_files(user.maildir) == {}  # nothing was published
+    fresh = user.maildir / "tmp" / "other-program.fresh"
+    old = user.maildir / "tmp" / "other-program.old"
+    fresh.write_bytes(b"someone else's delivery in progress")
+    old.write_bytes(b"someone else's leftover")
+    past = time.time() - 37 * 3600
+    os.utime(old, (past, past))
+    ok(user.run("sync", "test"))
+    check_backup_matches_server(user)
+    assert list(user.maildir.rglob("tmp/*")) == [fresh]
+    assert fresh.read_bytes() == b"someone else's delivery in progress"
 
 
 def test_uidvalidity_change_rematches_without_deleting(user):
@@ -216,7 +266,7 @@ def test_uidvalidity_change_rematches_without_deleting(user):
     assert work["rematched"] == 6
     assert s["totals"]["bytes"] == len(msg(99)) + 0  # Message-ID matches were not downloaded
     after = local_files(user.maildir)
-    assert set(before) <= set(after)  # nothing deleted
+    assert all(after.get(p) == b for p, b in before.items())  # nothing deleted or changed
     assert len(after) == 7
     check_backup_matches_server(user)
     # and a further run is quiet again
@@ -239,7 +289,8 @@ def test_uids_renumbered_without_uidvalidity_change_makes_no_duplicates(user):
 
 
 def test_message_expunged_between_listing_and_fetch_is_not_written_empty(user):
-    """Dovecot answers BODY[] NIL for a message expunged by another client mid-run."""
+    """Dovecot answers BODY[] NIL for a message expunged by another client mid-run: the session
+    reports it as None (docs/reliability.md), never as empty bytes or an error."""
     from mailsync.config import parse
     from mailsync.imap import ImapSession
     from pathlib import Path
@@ -259,8 +310,52 @@ def test_message_expunged_between_listing_and_fetch_is_not_written_empty(user):
         got = {uid: body for uid, body, *_ in s.bodies([1, 2])}
     finally:
         s.close()
-    assert got[1] is None or got[1] == msg(1)
-    assert got[2] == msg(2)
+    assert got == {1: None, 2: msg(2)}
+
+
+def test_backup_skips_a_message_expunged_after_the_listing(user, monkeypatch):
+    """The download loop meets that NIL: the message expunged after the folder was listed gets no
+    file (empty or otherwise) and no state row, the others are stored, the run succeeds, and the
+    next run has nothing to do."""
+    from pathlib import Path
+
+    from mailsync import engine
+    from mailsync.config import parse
+    from mailsync.imap import ImapSession
+
+    user.append("INBOX", [msg(1), msg(2), msg(3)])
+    real = ImapSession.stream_bodies
+    raced = []
+
+    def racing(self, uids, open_body, max_body=None):
+        if not raced:  # another client expunges UID 2 after mailsync listed it, before the FETCH
+            other = user.imap()
+            other.select_folder("INBOX")
+            other.delete_messages([2])
+            other.expunge()
+            other.logout()
+            raced.append(list(uids))
+        yield from real(self, uids, open_body, max_body)
+
+    monkeypatch.setattr(ImapSession, "stream_bodies", racing)
+    acc = parse({"accounts": {"t": {"host": "127.0.0.1", "port": user.server.imaps_port, "username": user.name,
+                                    "maildir": str(user.maildir), "ca_file": str(user.server.ca_file)}}},
+                Path("/x.toml")).account("t")
+    r = engine.backup(acc, user.password)
+    assert raced == [[1, 2, 3]]  # the race happened, with UID 2 asked for
+    assert not r.failed, [f.error for f in r.failed]
+    files = local_files(user.maildir)
+    assert sorted(files.values()) == [msg(1), msg(3)]
+    assert all(files.values())  # no empty file
+    assert not any((user.maildir / "tmp").iterdir())
+    db = sqlite3.connect(user.maildir / ".mailsync.db")
+    assert [u for (u,) in db.execute("SELECT uid FROM messages ORDER BY uid")] == [1, 3]
+    db.close()
+    check_backup_matches_server(user)
+    monkeypatch.setattr(ImapSession, "stream_bodies", real)
+    s = summary(user.run("sync", "test", "--json"))
+    assert s["totals"]["new"] == s["totals"]["restored"] == 0
+    assert local_files(user.maildir) == files
 
 
 def test_dovecot_serves_the_backup_as_its_own_mail_store(user, dovecot, tmp_path):
@@ -309,8 +404,41 @@ def test_lost_state_file_adopts_existing_files_instead_of_duplicating(user):
 def test_version_and_help(user):
     import subprocess
     import sys
-    r = subprocess.run([sys.executable, "-m", "mailsync", "--version"], capture_output=True, text=True)
-    assert r.returncode == 0 and r.stdout.startswith("mailsync ")
+    import tomllib
+
+    from tests.helpers import ROOT
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "mailsync", *args], capture_output=True, text=True, cwd=ROOT)
+
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    r = cli("--version")
+    assert (r.returncode, r.stdout, r.stderr) == (0, f"mailsync {version}\n", "")
+
+    # --help: every command and the global options, exit 0; without a command: the same, exit 2
+    commands = ["sync", "migrate", "restore", "verify", "compare", "check"]
+    r = cli("--help")
+    assert r.returncode == 0, r.stderr
+    listed = r.stdout.split("Commands:")[1].split()
+    assert all(c in listed for c in commands), r.stdout
+    for opt in ("--config", "--debug", "--version", "--help"):
+        assert opt in r.stdout.split("Commands:")[0], (opt, r.stdout)
+    bare = cli()
+    assert bare.returncode == 2 and (bare.stdout + bare.stderr).strip() == r.stdout.strip()
+
+    # a command's help: its argument and every option the docs name for it (docs/commands.md)
+    wanted = {"sync": ["ACCOUNT", "--mode", "--dry-run", "--force", "--quiet", "--json", "--config", "--debug"],
+              "migrate": ["SRC", "DST", "--delete", "--force", "--quiet", "--json"],
+              "restore": ["ACCOUNT", "--from", "--layout", "--quiet", "--json"],
+              "verify": ["ACCOUNT", "--deep", "--quiet", "--json"],
+              "compare": ["IMAP_ACCOUNT", "POP3_ACCOUNT", "--json", "--keep"],
+              "check": ["TARGET", "--pop3", "--ports"]}
+    for command, words in wanted.items():
+        r = cli(command, "--help")
+        assert r.returncode == 0, (command, r.stderr)
+        assert r.stdout.startswith("Usage: ") and f" {command} " in r.stdout.splitlines()[0], r.stdout
+        for w in words:
+            assert w in r.stdout, (command, w, r.stdout)
 
 
 def test_a_message_the_server_leaves_out_is_not_skipped_for_good(user, monkeypatch):

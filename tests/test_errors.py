@@ -12,7 +12,16 @@ import pytest
 
 from tests import faults
 from tests.dovecot import free_port
-from tests.helpers import local_files, msg
+from tests.helpers import local_files, msg, sha
+
+
+def same_messages(user) -> None:
+    """The backup holds every server message exactly once, by content (SHA-256), and nothing else."""
+    server = [body for msgs in user.server_messages().values() for body, _fl in msgs.values()]
+    files = local_files(user.maildir)
+    assert sorted(sha(b) for b in files.values()) == sorted(sha(b) for b in server), \
+        (len(files), len(server))
+    assert not any((user.maildir / "tmp").iterdir())
 
 
 def one_line_error(r, code: int, *needles: str) -> str:
@@ -103,14 +112,21 @@ def test_password_command_runs_without_shell(user, tmp_path):
     script = tmp_path / "pw.sh"
     script.write_text(f"#!/bin/sh\necho '{user.password}'\n")
     script.chmod(0o700)
+    user.append("INBOX", [msg(1)])
     user.write_config(f'password_command = "{script}"').write_text(
         user.config.read_text().replace('password_env = "MAILSYNC_TEST_PASSWORD"\n', ""))
-    assert user.run("sync", "test").returncode == 0
-    # shell syntax is not interpreted: no accidental command execution
+    r = user.run("sync", "test", env=user.env(MAILSYNC_TEST_PASSWORD=""))
+    assert r.returncode == 0, r.stderr
+    same_messages(user)
+    # shell syntax is not interpreted: no accidental command execution. The words are split as a
+    # shell would, so the program is "pw.sh;", which does not exist: exit 2, naming it
+    user.append("INBOX", [msg(2)])
     user.write_config(f'password_command = "{script}; touch {tmp_path}/pwned"').write_text(
         user.config.read_text().replace('password_env = "MAILSYNC_TEST_PASSWORD"\n', ""))
-    user.run("sync", "test")
+    r = user.run("sync", "test", env=user.env(MAILSYNC_TEST_PASSWORD=""))
+    one_line_error(r, 2, "password_command", f"program '{script};' not found")
     assert not (tmp_path / "pwned").exists()
+    assert list(local_files(user.maildir).values()) == [msg(1)]  # nothing was fetched without a password
 
 
 def test_second_run_is_refused_while_one_holds_the_lock(user):
@@ -123,9 +139,11 @@ def test_second_run_is_refused_while_one_holds_the_lock(user):
         one_line_error(user.run("sync", "test"), 7, "another mailsync run (pid 4242)")
     finally:
         os.close(fd)
+    assert local_files(user.maildir) == {}  # the refused run stored nothing
     # a lock file left by a killed run (no one holds the lock) is taken over
-    assert user.run("sync", "test").returncode == 0
-    assert len(local_files(user.maildir)) == 1
+    r = user.run("sync", "test")
+    assert r.returncode == 0, r.stderr
+    assert list(local_files(user.maildir).values()) == [msg(1)]
 
 
 def test_server_hanging_up_mid_run_is_retried_then_completes(user):
@@ -136,24 +154,34 @@ def test_server_hanging_up_mid_run_is_retried_then_completes(user):
         assert proxy.cuts == 1
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["totals"]["new"] == 30
-    assert len(local_files(user.maildir)) == 30
+    same_messages(user)
 
 
 def test_server_hanging_up_every_time_exits_6_and_keeps_what_was_saved(user):
-    user.append("INBOX", [msg(i, body="x" * 3000) for i in range(30)])
-    with faults.CutProxy(user.server.imaps_port, cut_after=60_000, cut_connections=100) as proxy:
+    # 30 messages of about 10 KB in batches of 64 KiB (6 a batch); every connection is cut after
+    # 100,000 bytes, so each try commits a batch or more and then loses the connection
+    sent = [msg(i, body="x" * 10_000) for i in range(30)]
+    user.append("INBOX", sent)
+    with faults.CutProxy(user.server.imaps_port, cut_after=100_000, cut_connections=100) as proxy:
         user.write_config("retries = 1\nbatch_bytes = 65536", port=proxy.port)
         r = user.run("sync", "test")
     assert r.returncode == 6, r.stderr
     assert "Traceback" not in r.stderr
-    assert "INBOX" in r.stderr and "lost" in r.stderr
-    saved = len(local_files(user.maildir))
-    # then the server behaves: the next run completes with every message exactly once
+    err = [ln for ln in r.stderr.splitlines() if ln.startswith("mailsync: error")]
+    assert len(err) == 1 and err[0].startswith("mailsync: error: INBOX: ") and "lost" in err[0], r.stderr
+    saved = local_files(user.maildir)
+    # what was saved is whole server messages, each once, and some of them (the cut came later)
+    assert 0 < len(saved) < 30, len(saved)
+    assert all(b in sent for b in saved.values()) and len(set(saved.values())) == len(saved)
+    # then the server behaves: the next run fetches only the rest, and keeps what was saved
     user.write_config()
-    assert user.run("sync", "test").returncode == 0
+    r = user.run("sync", "test", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["totals"]["new"] == 30 - len(saved)
     files = local_files(user.maildir)
-    assert len(files) == 30 and len(set(files.values())) == 30
-    assert saved <= 30
+    assert all(files.get(p) == b for p, b in saved.items())
+    same_messages(user)
+    assert sorted(files.values()) == sorted(sent)
 
 
 def test_unsupported_mode_is_a_clear_error(user):
@@ -162,9 +190,29 @@ def test_unsupported_mode_is_a_clear_error(user):
 
 
 def test_debug_shows_traceback_but_never_the_password(user):
-    r = user.run("--debug", "sync", "test", env=user.env(MAILSYNC_TEST_PASSWORD="hunter2-wrong"))
-    assert r.returncode == 3
+    env = user.env(MAILSYNC_TEST_PASSWORD="hunter2-wrong")
+    # without --debug: the one error line, no traceback, no log
+    r = user.run("sync", "test", env=env)
+    line = one_line_error(r, 3, "login as", "failed")
     assert "hunter2-wrong" not in r.stderr + r.stdout
+    # with --debug: the same error line and exit code, plus the traceback of where it was raised
+    # and the debug log (the IMAP library's included); still never the password
+    r = user.run("--debug", "sync", "test", env=env)
+    assert r.returncode == 3, r.stderr
+    assert "Traceback (most recent call last):" in r.stderr, r.stderr
+    assert "mailsync.errors.AuthError: login as" in r.stderr, r.stderr
+    assert [ln for ln in r.stderr.splitlines() if ln.startswith("mailsync: error")] == [line]
+    assert "imapclient" in r.stderr, r.stderr
+    assert "hunter2-wrong" not in r.stderr + r.stdout and user.password not in r.stderr + r.stdout
+    # --debug after the command name works too (docs/commands.md); a config error needs no login
+    plain = user.run("sync", "tset")
+    one_line_error(plain, 2, "unknown account 'tset'")
+    r = user.run("sync", "tset", "--debug")
+    assert r.returncode == 2, r.stderr
+    assert "Traceback (most recent call last):" in r.stderr, r.stderr
+    assert "mailsync.errors.ConfigError: unknown account 'tset'" in r.stderr, r.stderr
+    assert [ln for ln in r.stderr.splitlines() if ln.startswith("mailsync: error")] == \
+        [ln for ln in plain.stderr.splitlines() if ln.startswith("mailsync: error")]
 
 
 def test_non_ascii_password_logs_in(user, dovecot):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import time
+from datetime import datetime, timezone
 
 import pytest
 
@@ -51,6 +51,42 @@ def file_of(u, body: bytes):
     return next(p for p, b in local_files(u.maildir).items() if b == body)
 
 
+def hashes(bodies) -> list[str]:
+    """SHA-256 of each message, sorted: a duplicate or a missing message changes the list."""
+    return sorted(sha(b) for b in bodies)
+
+
+def server_hashes(u, folder="INBOX") -> list[str]:
+    return hashes(b for b, _ in u.server_messages()[folder].values())
+
+
+def server_content(u, folder="INBOX") -> list[tuple[str, frozenset]]:
+    """(SHA-256, flags) of every message in a server folder, sorted (UIDs left out)."""
+    return sorted(((sha(b), f) for b, f in u.server_messages()[folder].values()), key=_order)
+
+
+def content(*pairs) -> list[tuple[str, frozenset]]:
+    """What server_content must return for these (message, flags) pairs."""
+    return sorted(((sha(m), frozenset(f)) for m, f in pairs), key=_order)
+
+
+def _order(item):
+    return item[0], sorted(item[1])
+
+
+QUIET = ("new", "restored", "flags_changed", "uploaded", "flags_pushed", "deleted_local", "deleted_remote",
+         "conflicts", "failed_folders")
+
+
+def assert_next_run_changes_nothing(u):
+    """Another sync plans nothing and changes nothing on either side (UIDs, bytes, flags, files)."""
+    srv, files = u.server_messages(), local_files(u.maildir)
+    t = run(u)["totals"]
+    assert {k: t[k] for k in QUIET} == dict.fromkeys(QUIET, 0), t
+    assert u.server_messages() == srv
+    assert local_files(u.maildir) == files
+
+
 def test_flags_both_ways_merge_per_flag(su):
     su.append("INBOX", [msg(1), msg(2)])
     run(su)
@@ -67,38 +103,36 @@ def test_flags_both_ways_merge_per_flag(su):
     assert split_name(file_of(su, msg(1)).name)[1] == "FS"
     assert file_of(su, msg(1)).parent.name == "cur"
     assert split_name(file_of(su, msg(2)).name)[1] == "R"
-    # a second sync plans and changes nothing
-    s = run(su)
-    t = s["totals"]
-    assert (t["new"], t["uploaded"], t["flags_pushed"], t["flags_changed"], t["deleted_local"],
-            t["deleted_remote"]) == (0, 0, 0, 0, 0, 0)
     check_backup_matches_server(su)
+    assert_next_run_changes_nothing(su)  # a second sync plans and changes nothing
 
 
-def test_offline_written_message_is_uploaded_once(su):
+def test_local_new_message_is_uploaded_once_with_flags_and_date(su):
     su.append("INBOX", [msg(1)])
     run(su)
     # a mail client writes a new message (bare LF, as on Unix) straight into cur/
     data = b"From: me@example.com\nSubject: written offline\nMessage-ID: <offline1@example.com>\n\nhello\n"
+    wire = data.replace(b"\n", b"\r\n")  # IMAP needs CRLF: what the server must hold
     p = su.maildir / "cur" / "1700000000.offline1.host:2,S"
     p.write_bytes(data)
     os.utime(p, (1600000000, 1600000000))
     s = run(su)
-    assert s["totals"]["uploaded"] == 1
+    assert s["totals"]["uploaded"] == 1 and s["totals"]["new"] == 0, s["totals"]
     c = su.imap()
+    c.normalise_times = False  # INTERNALDATE as the server says it, with its zone (not naive local time)
     c.select_folder("INBOX", readonly=True)
-    uids = c.search("ALL")
-    got = c.fetch(uids, [b"BODY.PEEK[]", b"FLAGS", b"INTERNALDATE"])
+    got = c.fetch(c.search("ALL"), [b"BODY.PEEK[]", b"FLAGS", b"INTERNALDATE"])
     c.logout()
-    bodies = [d[b"BODY[]"] for d in got.values()]
-    assert data.replace(b"\n", b"\r\n") in bodies
-    up = next(d for d in got.values() if d[b"BODY[]"] == data.replace(b"\n", b"\r\n"))
-    assert b"\\Seen" in up[b"FLAGS"]
-    assert abs(up[b"INTERNALDATE"].timestamp() - 1600000000) < 2 if up[b"INTERNALDATE"].tzinfo else True
+    assert hashes(d[b"BODY[]"] for d in got.values()) == hashes([msg(1), wire])  # uploaded once
+    up = next(d for d in got.values() if d[b"BODY[]"] == wire)
+    assert {f for f in up[b"FLAGS"] if f != b"\\Recent"} == {b"\\Seen"}
+    date = up[b"INTERNALDATE"]
+    assert date.tzinfo is not None and date == datetime.fromtimestamp(1600000000, timezone.utc), date
+    # the local file is left as it was (not rewritten to CRLF, not renamed)
+    assert p.read_bytes() == data
+    assert hashes(local_files(su.maildir).values()) == hashes([msg(1), data])
     # nothing comes back down as a duplicate, and nothing is uploaded again
-    s = run(su)
-    assert s["totals"]["new"] == s["totals"]["uploaded"] == 0
-    assert len(local_files(su.maildir)) == 2
+    assert_next_run_changes_nothing(su)
 
 
 def test_deletions_both_ways(su):
@@ -112,30 +146,33 @@ def test_deletions_both_ways(su):
     c.logout()
     s = run(su)
     assert s["totals"]["deleted_remote"] == 1 and s["totals"]["deleted_local"] == 1
-    bodies = {sha(b) for b in local_files(su.maildir).values()}
-    assert sha(msg(5)) not in bodies and len(bodies) == 8
-    srv = su.server_messages()["INBOX"]
-    assert {sha(b) for b, _ in srv.values()} == bodies
-    assert run(su)["totals"]["deleted_remote"] == 0
+    want = hashes(msg(i) for i in (1, 2, 4, 6, 7, 8, 9, 10))
+    assert hashes(local_files(su.maildir).values()) == want
+    assert server_hashes(su) == want
+    assert_next_run_changes_nothing(su)
 
 
 def test_mass_deletion_trips_the_guard(su):
     su.append("INBOX", [msg(i) for i in range(1, 21)])
     run(su)
-    files = sorted(local_files(su.maildir))
-    for p in files[:8]:
+    before = su.server_messages()
+    files = sorted(local_files(su.maildir).items())
+    for p, _ in files[:8]:
         p.unlink()
+    kept = hashes(b for _, b in files[8:])
     r = su.run("sync", "test")
     assert r.returncode == 10, r.stderr
     assert "would delete 8 of 20" in r.stderr and "--force" in r.stderr
-    assert len(su.server_messages()["INBOX"]) == 20  # nothing deleted on the server
+    assert su.server_messages() == before  # nothing deleted (or changed) on the server
+    assert hashes(local_files(su.maildir).values()) == kept  # nor downloaded again
     # --dry-run shows the plan and changes nothing
     r = su.run("sync", "test", "--dry-run", "--force")
     assert r.returncode == 0 and "delete on server (removed locally): 8" in r.stdout
-    assert len(su.server_messages()["INBOX"]) == 20
+    assert su.server_messages() == before
     r = su.run("sync", "test", "--force")
     assert r.returncode == 0, r.stderr
-    assert len(su.server_messages()["INBOX"]) == 12
+    assert server_hashes(su) == kept  # exactly the 8 removed locally are gone
+    assert hashes(local_files(su.maildir).values()) == kept
 
 
 def test_missing_local_folder_is_never_read_as_delete_everything(su):
@@ -143,17 +180,21 @@ def test_missing_local_folder_is_never_read_as_delete_everything(su):
     su.append("Work", [msg(i) for i in range(3)])
     run(su)
     work = folder_path(su.maildir, ["Work"], "maildir++", False)
+    before = su.server_messages()
+    three = hashes(msg(i) for i in range(3))
     shutil.rmtree(work)
     r = su.run("sync", "test")
     assert r.returncode == 0 and "missing" in r.stderr, r.stderr
-    assert len(su.server_messages()["Work"]) == 3  # nothing deleted on the server
-    assert len(local_files(work)) == 3             # and the folder is back
+    assert su.server_messages() == before            # nothing deleted on the server
+    assert hashes(local_files(work).values()) == three  # and the folder is back, each message once
+    check_backup_matches_server(su)
     # an emptied (but present) folder trips the guard instead
     for p in local_files(work):
         p.unlink()
     r = su.run("sync", "test")
     assert r.returncode == 10 and "would delete all 3" in r.stderr
-    assert len(su.server_messages()["Work"]) == 3
+    assert su.server_messages() == before
+    assert local_files(work) == {}
 
 
 def test_new_folders_are_created_on_both_sides(su):
@@ -163,10 +204,10 @@ def test_new_folders_are_created_on_both_sides(su):
         (local / d).mkdir(parents=True)
     (local / "cur" / "1700000001.x.host:2,S").write_bytes(msg(2))
     s = run(su)
-    assert "Local Only/Sub" in s["created_on_server"]
-    srv = su.server_messages()
-    assert "Local Only/Sub" in srv and len(srv["Local Only/Sub"]) == 1
-    assert (folder_path(su.maildir, ["FromServer"], "maildir++", False) / "new").is_dir()
+    assert s["created_on_server"] == ["Local Only/Sub"]
+    assert server_content(su, "Local Only/Sub") == content((msg(2), {"\\Seen"}))
+    server_only = folder_path(su.maildir, ["FromServer"], "maildir++", False)
+    assert hashes(local_files(server_only).values()) == hashes([msg(1)])
     check_backup_matches_server(su)
 
 
@@ -179,7 +220,7 @@ def test_no_change_sync_changes_nothing(su):
     srv = su.server_messages()
     s = run(su)
     t = s["totals"]
-    assert (t["new"], t["uploaded"], t["flags_pushed"], t["flags_changed"]) == (0, 0, 0, 0)
+    assert {k: t[k] for k in QUIET} == dict.fromkeys(QUIET, 0), t
     assert {p: p.stat().st_mtime_ns for p in local_files(su.maildir)} == snap
     assert su.server_messages() == srv
 
@@ -209,8 +250,11 @@ def test_concurrent_change_on_server_is_not_overwritten(user):
     assert server_flags(user)[1] == {"\\Answered"}
 
 
-@pytest.mark.parametrize("point", ["upload-journaled:1", "appended:1", "expunged:1", "published:1", "recorded:1"])
+@pytest.mark.parametrize("point", ["upload-journaled:1", "appended:1", "marked-deleted:1", "expunged:1",
+                                   "published:1", "recorded:1"])
 def test_kill_during_sync_then_rerun_gives_same_end_state(su, point):
+    """Killed at a crash point (on the full server and on the IMAP4rev1-only one, through `su`),
+    then run again: both sides hold exactly the expected messages, each once, without flags."""
     su.append("INBOX", [msg(i) for i in range(1, 6)])
     run(su)
     # changes on both sides: a new local message, a local deletion, a new server message
@@ -218,15 +262,157 @@ def test_kill_during_sync_then_rerun_gives_same_end_state(su, point):
     file_of(su, msg(2)).unlink()
     su.append("INBOX", [msg(60)])
     r = su.run("sync", "test", env=su.env(MAILSYNC_CRASH_AT=point))
-    assert r.returncode in (0, 137), r.stderr
-    s = run(su)
+    assert r.returncode == 137, f"{point} was not reached (exit {r.returncode}): {r.stderr}"
     run(su)
-    files = local_files(su.maildir)
-    srv = su.server_messages()["INBOX"]
-    want = {sha(m) for m in (msg(1), msg(3), msg(4), msg(5), msg(50), msg(60))}
-    srv_hashes = sorted(sha(b.replace(b"\r\n", b"\n")) if False else sha(b) for b, _ in srv.values())
-    assert sorted(sha(b) for b in files.values()) == sorted(want), point
-    assert srv_hashes == sorted(want), point
+    want = hashes(msg(i) for i in (1, 3, 4, 5, 50, 60))
+    assert hashes(local_files(su.maildir).values()) == want, point
+    assert server_content(su) == content(*((msg(i), ()) for i in (1, 3, 4, 5, 50, 60))), point
+    assert not list((su.maildir / "tmp").iterdir())
+    check_backup_matches_server(su)
+    assert_next_run_changes_nothing(su)
+
+
+# -- conflict: one side deleted a message, the other changed its flags (configuration.md#conflict)
+
+def sync_config(u, conflict: str | None) -> None:
+    u.write_config('mode = "sync"' + (f'\nconflict = "{conflict}"' if conflict else ""))
+
+
+def expunged_on_server_flagged_locally(u, conflict: str | None):
+    """Three read messages synced; then message 2 is flagged locally and expunged on the server
+    (UID 2). Returns the sync's JSON summary, its stderr and the path of message 2's file."""
+    sync_config(u, conflict)
+    u.append("INBOX", [msg(1), msg(2), msg(3)], flags=[b"\\Seen"])
+    run(u)
+    p = set_local_flags(file_of(u, msg(2)), "FS")
+    c = u.imap()
+    c.select_folder("INBOX")
+    c.delete_messages([2])
+    c.expunge()
+    c.logout()
+    r = u.run("sync", "test", "--json")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout), r.stderr, p
+
+
+def removed_locally_flagged_on_server(u, conflict: str | None):
+    """Three unread messages synced; then message 2's file is removed locally and the message is
+    flagged on the server (UID 2). Returns the sync's JSON summary and its stderr."""
+    sync_config(u, conflict)
+    u.append("INBOX", [msg(1), msg(2), msg(3)])
+    run(u)
+    file_of(u, msg(2)).unlink()
+    c = u.imap()
+    c.select_folder("INBOX")
+    c.add_flags([2], [b"\\Flagged"])
+    c.logout()
+    r = u.run("sync", "test", "--json")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout), r.stderr
+
+
+def check_uploaded_again(u, s, err, p):
+    """conflict = local / union: the file is kept and its message uploaded again under a new UID,
+    with the flags the file has."""
+    assert "mailsync: conflict: INBOX: UID 2: expunged on the server, flags changed locally; " \
+           "kept and uploaded again" in err, err
+    t = s["totals"]
+    assert (t["conflicts"], t["uploaded"], t["deleted_local"], t["deleted_remote"], t["new"]) == (1, 1, 0, 0, 0), t
+    srv = u.server_messages()["INBOX"]
+    assert server_content(u) == content((msg(1), {"\\Seen"}), (msg(2), {"\\Seen", "\\Flagged"}),
+                                        (msg(3), {"\\Seen"}))
+    [(uid, _)] = [(uid, b) for uid, (b, _) in srv.items() if b == msg(2)]
+    assert uid > 3  # a new UID: expunged UIDs are never reused
+    assert p.read_bytes() == msg(2)  # the same file, untouched, still flagged and read
+    assert hashes(local_files(u.maildir).values()) == hashes([msg(1), msg(2), msg(3)])
+    check_backup_matches_server(u)
+    assert_next_run_changes_nothing(u)
+
+
+def test_conflict_server_removes_locally_what_the_server_expunged(su):
+    """The default policy (no `conflict` key): the server's expunge wins over the local flag change."""
+    s, err, p = expunged_on_server_flagged_locally(su, None)
+    assert "mailsync: conflict: INBOX: UID 2: expunged on the server, flags changed locally; " \
+           "removed (conflict = server)" in err, err
+    t = s["totals"]
+    assert (t["conflicts"], t["deleted_local"], t["uploaded"], t["deleted_remote"], t["new"]) == (1, 1, 0, 0, 0), t
+    assert not p.exists()
+    assert hashes(local_files(su.maildir).values()) == hashes([msg(1), msg(3)])
+    assert server_content(su) == content((msg(1), {"\\Seen"}), (msg(3), {"\\Seen"}))
+    check_backup_matches_server(su)
+    assert_next_run_changes_nothing(su)
+
+
+def test_conflict_local_uploads_again_what_the_server_expunged(su):
+    check_uploaded_again(su, *expunged_on_server_flagged_locally(su, "local"))
+
+
+def test_conflict_union_uploads_again_what_the_server_expunged(su):
+    check_uploaded_again(su, *expunged_on_server_flagged_locally(su, "union"))
+
+
+def check_downloaded_again(u, s, err):
+    """conflict = server / union: the message stays on the server (same UID, its new flags) and
+    comes back into the Maildir with those flags."""
+    assert "mailsync: conflict: INBOX: UID 2: removed locally, flags changed on the server; " \
+           "kept and downloaded again" in err, err
+    t = s["totals"]
+    assert (t["conflicts"], t["restored"], t["deleted_remote"], t["deleted_local"], t["uploaded"], t["new"]) \
+        == (1, 1, 0, 0, 0, 0), t
+    assert u.server_messages()["INBOX"][2] == (msg(2), frozenset({"\\Flagged"}))
+    assert server_content(u) == content((msg(1), ()), (msg(2), {"\\Flagged"}), (msg(3), ()))
+    assert hashes(local_files(u.maildir).values()) == hashes([msg(1), msg(2), msg(3)])
+    p = file_of(u, msg(2))
+    assert p.parent.name == "new" and split_name(p.name)[1] == "F"
+    check_backup_matches_server(u)
+    assert_next_run_changes_nothing(u)
+
+
+def test_conflict_server_downloads_again_what_was_removed_locally(su):
+    """The default policy (no `conflict` key): the server's flag change wins over the local removal."""
+    check_downloaded_again(su, *removed_locally_flagged_on_server(su, None))
+
+
+def test_conflict_union_downloads_again_what_was_removed_locally(su):
+    check_downloaded_again(su, *removed_locally_flagged_on_server(su, "union"))
+
+
+def test_conflict_local_deletes_on_the_server_what_was_removed_locally(su):
+    s, err = removed_locally_flagged_on_server(su, "local")
+    assert "mailsync: conflict: INBOX: UID 2: removed locally, flags changed on the server; " \
+           "deleted on the server (conflict = local)" in err, err
+    t = s["totals"]
+    assert (t["conflicts"], t["deleted_remote"], t["restored"], t["deleted_local"], t["uploaded"], t["new"]) \
+        == (1, 1, 0, 0, 0, 0), t
+    assert server_content(su) == content((msg(1), ()), (msg(3), ()))  # expunged, not just marked
+    assert hashes(local_files(su.maildir).values()) == hashes([msg(1), msg(3)])
+    check_backup_matches_server(su)
+    assert_next_run_changes_nothing(su)
+
+
+@pytest.mark.parametrize("conflict,point", [("local", "upload-journaled:1"), ("local", "appended:1"),
+                                            ("union", "appended:1")])
+def test_conflict_upload_again_killed_then_rerun_uploads_once(su, conflict, point):
+    """A run killed while it uploads again what the server expunged (the uploads journal holds
+    it) ends, after a re-run, like an uninterrupted one: the message on the server once."""
+    sync_config(su, conflict)
+    su.append("INBOX", [msg(1), msg(2), msg(3)], flags=[b"\\Seen"])
+    run(su)
+    p = set_local_flags(file_of(su, msg(2)), "FS")
+    c = su.imap()
+    c.select_folder("INBOX")
+    c.delete_messages([2])
+    c.expunge()
+    c.logout()
+    r = su.run("sync", "test", env=su.env(MAILSYNC_CRASH_AT=point))
+    assert r.returncode == 137, f"{point} was not reached (exit {r.returncode}): {r.stderr}"
+    run(su)
+    assert server_content(su) == content((msg(1), {"\\Seen"}), (msg(2), {"\\Seen", "\\Flagged"}),
+                                         (msg(3), {"\\Seen"}))
+    assert p.read_bytes() == msg(2)
+    assert hashes(local_files(su.maildir).values()) == hashes([msg(1), msg(2), msg(3)])
+    check_backup_matches_server(su)
+    assert_next_run_changes_nothing(su)
 
 
 def test_qresync_select_reports_changes_and_expunges_in_one_round_trip(user):
@@ -262,9 +448,12 @@ def test_qresync_select_reports_changes_and_expunges_in_one_round_trip(user):
 def test_create_server_only_leaves_server_folders_alone_locally(user):
     user.append("OnlyOnServer", [msg(1)])
     user.write_config('mode = "sync"\ncreate = "server"')
+    before = user.server_messages()
     s = run(user)
     assert not folder_path(user.maildir, ["OnlyOnServer"], "maildir++", False).exists()
-    assert any("not created locally" in n for f in s["folders"] for n in f["notices"])
+    [f] = [f for f in s["folders"] if f["name"] == "OnlyOnServer"]
+    assert any("not created locally" in n for n in f["notices"]), f
+    assert user.server_messages() == before
 
 
 def test_keywords_sync_both_ways_through_dovecot_keywords(su):
@@ -283,17 +472,12 @@ def test_keywords_sync_both_ways_through_dovecot_keywords(su):
     c.add_flags([2], [b"$Later"])
     c.logout()
     run(su)
-    c = su.imap()
-    c.select_folder("INBOX", readonly=True)
-    got = {u: {f.decode() for f in d[b"FLAGS"]} for u, d in c.fetch([1, 2], [b"FLAGS"]).items()}
-    c.logout()
-    assert "$Work" not in got[1]
-    assert {"$Work", "$Later"} <= got[2]
+    assert server_flags(su) == {1: frozenset(), 2: {"$Work", "$Later"}}
     kw = KeywordMap(su.maildir)
-    info2 = split_name(file_of(su, msg(2)).name)[1]
-    assert kw.keywords(info2) == {"$Work", "$Later"}
-    s = run(su)
-    assert s["totals"]["flags_pushed"] == s["totals"]["flags_changed"] == 0
+    assert kw.keywords(split_name(file_of(su, msg(1)).name)[1]) == set()
+    assert kw.keywords(split_name(file_of(su, msg(2)).name)[1]) == {"$Work", "$Later"}
+    check_backup_matches_server(su)
+    assert_next_run_changes_nothing(su)
 
 
 def test_uidvalidity_change_in_sync_duplicates_nothing(su):
@@ -313,16 +497,27 @@ def test_uidvalidity_change_in_sync_duplicates_nothing(su):
 
 
 def test_lost_state_in_sync_duplicates_nothing(su):
-    su.append("INBOX", [msg(1), msg(2)], flags=[b"\\Seen"])
+    """Without a state, each message on both sides is bound to its file (by Message-ID and size,
+    or by content when it has no Message-ID), keeping the union of both sides' flags."""
+    noid = b"From: a@example.com\r\nSubject: no Message-ID\r\n\r\nbound by content\r\n"
+    su.append("INBOX", [msg(1), msg(2), noid], flags=[b"\\Seen"])
     run(su)
     (su.maildir / "new" / "1700000000.mine.host:2,F").write_bytes(msg(3))  # and one offline message
+    set_local_flags(file_of(su, msg(1)), "FS")
+    set_local_flags(file_of(su, noid), "FS")
+    c = su.imap()
+    c.select_folder("INBOX")
+    c.add_flags([2, 3], [b"\\Answered"])
+    c.logout()
     for p in su.maildir.glob(".mailsync.db*"):
         p.unlink()
     run(su)
     run(su)
-    assert sorted(sha(b) for b in local_files(su.maildir).values()) == sorted(sha(msg(i)) for i in (1, 2, 3))
-    assert sorted(sha(b) for b, _ in su.server_messages()["INBOX"].values()) == \
-        sorted(sha(msg(i)) for i in (1, 2, 3))
+    assert hashes(local_files(su.maildir).values()) == hashes([msg(1), msg(2), msg(3), noid])
+    assert server_content(su) == content((msg(1), {"\\Seen", "\\Flagged"}), (msg(2), {"\\Seen", "\\Answered"}),
+                                         (noid, {"\\Seen", "\\Flagged", "\\Answered"}), (msg(3), {"\\Flagged"}))
+    check_backup_matches_server(su)  # the same flags in the file names
+    assert_next_run_changes_nothing(su)
 
 
 def test_switching_a_backup_to_sync_does_not_resurrect_expunged_mail(user):
@@ -337,8 +532,9 @@ def test_switching_a_backup_to_sync_does_not_resurrect_expunged_mail(user):
     user.write_config('mode = "sync"')
     s = run(user)
     assert s["totals"]["uploaded"] == 0
-    assert [sha(b) for b, _ in user.server_messages()["INBOX"].values()] == [sha(msg(2))]
-    assert len(local_files(user.maildir)) == 2                  # the archived copy stays
+    assert server_hashes(user) == hashes([msg(2)])
+    assert hashes(local_files(user.maildir).values()) == hashes([msg(1), msg(2)])  # the archived copy stays
+    assert_next_run_changes_nothing(user)
 
 
 def test_add_one_flag_and_remove_another_in_one_change(su):
@@ -386,13 +582,15 @@ def test_without_uidplus_other_deleted_messages_are_not_expunged(basic_user):
     r = u.run("sync", "test", "--json")
     assert r.returncode == 0, r.stderr
     assert "UIDPLUS" in r.stderr
-    assert len(u.server_messages()["INBOX"]) == 3  # nothing expunged behind the other client's back
+    # nothing expunged behind the other client's back: ours is only marked, theirs is untouched
+    assert server_content(u) == content((msg(1), {"\\Deleted"}), (msg(2), ()), (msg(3), {"\\Deleted"}))
     other.remove_flags([3], [b"\\Deleted"])
     other.logout()
     s = run(u)
     assert s["totals"]["deleted_remote"] == 1
-    assert sorted(sha(b) for b, _ in u.server_messages()["INBOX"].values()) == sorted([sha(msg(2)), sha(msg(3))])
-    assert len(local_files(u.maildir)) == 2
+    assert server_content(u) == content((msg(2), ()), (msg(3), ()))
+    assert hashes(local_files(u.maildir).values()) == hashes([msg(2), msg(3)])
+    assert_next_run_changes_nothing(u)
 
 
 def test_local_changes_after_a_skipped_run_still_reach_the_server(su):
@@ -408,5 +606,5 @@ def test_local_changes_after_a_skipped_run_still_reach_the_server(su):
     age_dirs(su.maildir, seconds=5)
     s = run(su)
     assert s["totals"]["flags_pushed"] == 1 and s["totals"]["deleted_remote"] == 1, s["totals"]
-    flags = server_flags(su)
-    assert sorted(map(sorted, flags.values())) == [[], ["\\Flagged", "\\Seen"]]
+    assert server_flags(su) == {1: {"\\Flagged", "\\Seen"}, 3: frozenset()}  # UID 2 (message 2) is gone
+    assert server_hashes(su) == hashes([msg(1), msg(3)])
