@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -53,6 +55,32 @@ def _json(obj) -> str:
         return text
     # other control characters (C1, separators, bidi) only occur inside strings: \u escapes there
     return "".join(c if c.isprintable() or c in " \n" else json.dumps(c)[1:-1] for c in text)
+
+
+_INTERRUPTED = "mailsync: interrupted"
+_said: dict = {}
+
+
+def _by_ctrl_c(exc: BaseException | None) -> bool:
+    """exc is a KeyboardInterrupt, or an error raised while one was unwinding (a clean-up that
+    failed because Ctrl-C cut short what it cleans up, e.g. a ROLLBACK after the COMMIT it
+    expected had already happened): either way the run was interrupted."""
+    todo, seen = [exc], set()
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        seen.add(id(e))
+        todo += [e.__cause__, e.__context__]
+    return False
+
+
+def _say_interrupted(text: str) -> None:
+    if not _said.get("interrupted"):
+        _said["interrupted"] = True
+        typer.echo(text, err=True)
 
 
 def _fail(exc: BaseException, debug: bool) -> None:
@@ -133,9 +161,10 @@ def sync(
 ) -> None:
     """Sync ACCOUNT: back up (mode backup) or sync both ways (mode sync) every selected folder."""
     debug = debug or _opts.get("debug", False)
-    if debug:
-        logging.basicConfig(level=logging.DEBUG, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
-    try:
+    # the summary too: a Ctrl-C while it is printed is an interruption like any other
+    with _Errors(debug, "mailsync: interrupted; what was saved is kept, run again to continue"):
+        if debug:
+            logging.basicConfig(level=logging.DEBUG, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
         cfg = _load(config)
         acc = cfg.account(account)
         mode = mode or acc.mode
@@ -162,45 +191,39 @@ def sync(
         finally:
             if bars:
                 bars.close()
-    except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - the one place errors become exit codes
-        if isinstance(exc, KeyboardInterrupt):
-            typer.echo("mailsync: interrupted; what was saved is kept, run again to continue", err=True)
-            raise typer.Exit(130) from None
-        _fail(exc, debug)
-        return
 
-    failed = result.failed
-    code = 0
-    if failed:
-        if all(getattr(f, "_lost", False) for f in failed):
-            code = ConnectionLost.exit_code
-        elif all(getattr(f, "_safety", False) for f in failed):
-            code = SafetyAbort.exit_code
-        else:
-            code = PartialFailure.exit_code
-    if as_json:
-        typer.echo(_json(_summary(result, code)))
-    if dry_run and not as_json:
-        typer.echo(_dry_run_text(result))
-    for f in result.folders:
-        for c in f.conflicts:
-            typer.echo(f"mailsync: conflict: {_show(f.name)}: {_show(c)}", err=True)
-        for n in f.notices:  # notices go to stderr even with --quiet: cron mails them
-            typer.echo(f"mailsync: notice: {_show(f.name)}: {_show(n)}", err=True)
-    for f in failed:
-        typer.echo(f"mailsync: error: {_show(f.name)}: {_show(f.error)}", err=True)
-    if not quiet and not as_json and not dry_run:
-        typer.echo(_line(result))
-    if failed and not as_json:
-        typer.echo(f"mailsync: {len(failed)} of {len(result.folders)} folders failed; "
-                   "everything else was saved, run again to retry", err=True)
+        failed = result.failed
+        code = 0
+        if failed:
+            if all(getattr(f, "_lost", False) for f in failed):
+                code = ConnectionLost.exit_code
+            elif all(getattr(f, "_safety", False) for f in failed):
+                code = SafetyAbort.exit_code
+            else:
+                code = PartialFailure.exit_code
+        if as_json:
+            typer.echo(_json(_summary(result, code)))
+        if dry_run and not as_json:
+            typer.echo(_dry_run_text(result))
+        for f in result.folders:
+            for c in f.conflicts:
+                typer.echo(f"mailsync: conflict: {_show(f.name)}: {_show(c)}", err=True)
+            for n in f.notices:  # notices go to stderr even with --quiet: cron mails them
+                typer.echo(f"mailsync: notice: {_show(f.name)}: {_show(n)}", err=True)
+        for f in failed:
+            typer.echo(f"mailsync: error: {_show(f.name)}: {_show(f.error)}", err=True)
+        if not quiet and not as_json and not dry_run:
+            typer.echo(_line(result))
+        if failed and not as_json:
+            typer.echo(f"mailsync: {len(failed)} of {len(result.folders)} folders failed; "
+                       "everything else was saved, run again to retry", err=True)
     raise typer.Exit(code)
 
 
 class _Errors:
     """`with _Errors(debug):` around a command's work: errors become one line and an exit code."""
 
-    def __init__(self, debug: bool, interrupted: str = "mailsync: interrupted") -> None:
+    def __init__(self, debug: bool, interrupted: str = _INTERRUPTED) -> None:
         self.debug, self.interrupted = debug, interrupted
 
     def __enter__(self) -> "_Errors":
@@ -209,8 +232,8 @@ class _Errors:
     def __exit__(self, et, exc, tb) -> bool:
         if exc is None or isinstance(exc, (typer.Exit, SystemExit)):
             return False
-        if isinstance(exc, KeyboardInterrupt):
-            typer.echo(self.interrupted, err=True)
+        if _by_ctrl_c(exc):
+            _say_interrupted(self.interrupted)
             raise typer.Exit(130) from None
         if isinstance(exc, Exception):
             _fail(exc, self.debug)
@@ -483,7 +506,52 @@ def _summary(r, code: int) -> dict:
 
 
 def main() -> None:
-    app()
+    """The `mailsync` command. A Ctrl-C at any moment after start-up ends it with exit 130 and
+    one `interrupted` line, never a traceback, also when it lands outside a command's own
+    handling (while the command line is read, while click unwinds; typer makes those a silent
+    exit 130). Once the exit code is decided Ctrl-C is ignored: while the interpreter shuts down
+    it restores the default SIGINT action, and a Ctrl-C then would end a run that completed by
+    the signal (status -2, nothing printed)."""
+    try:
+        try:
+            app()  # ends with SystemExit
+        finally:
+            _ignore_ctrl_c()
+    except KeyboardInterrupt:
+        _exit_interrupted()
+    except SystemExit as exc:
+        if exc.code == 130:
+            _exit_interrupted()
+        raise
+
+
+def _ignore_ctrl_c() -> None:
+    """From here on Ctrl-C is ignored: the outcome is decided (a Ctrl-C still pending is raised
+    by the change itself, before it is made; it is dropped)."""
+    while True:
+        try:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            return
+        except KeyboardInterrupt:
+            continue
+        except ValueError:  # not the main thread: not ours to change
+            return
+
+
+def _exit_interrupted() -> None:
+    """Say `interrupted` (once) and exit 130 at once, not through the interpreter's own exit:
+    a KeyboardInterrupt that passed through code made by exec() or eval() of a string on its
+    way (dataclasses and namedtuple make their methods so while a module is imported) leaves
+    a mark in CPython that makes `python -m mailsync` end by SIGINT (status -2) at exit, however
+    the interrupt was handled. Everything is closed by now; the output is flushed here."""
+    _say_interrupted(_INTERRUPTED)
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(130)
 
 
 if __name__ == "__main__":

@@ -179,15 +179,31 @@ def _run(acc: Account, state: State, pool: _Pool, session: ImapSession, result: 
         try:
             results = list(ex.map(lambda f: runner(f, paths[f.name]), work))
         except BaseException:
+            runner.interrupted = True
             runner.stop.set()  # Ctrl-C: workers stop at their next batch
-            ex.shutdown(wait=True, cancel_futures=True)
+            _join(ex)
             raise
-        ex.shutdown()
+        _join(ex)
     by_name = {r.name: r for r in skipped + results}
     result.folders.extend(by_name[n] for n in order if n in by_name)
     fatal = next((r for r in results if isinstance(getattr(r, "_fatal", None), StorageError)), None)
     if fatal is not None:
         raise fatal._fatal  # type: ignore[attr-defined]
+
+
+def _join(ex: ThreadPoolExecutor) -> None:
+    """Wait for the folder workers to end. A Ctrl-C meanwhile does not cut the wait short: the
+    state and the connections are closed next, and must not be while a worker still uses them
+    (the workers were told to stop; each finishes the batch it is on)."""
+    interrupted = None
+    while True:
+        try:
+            ex.shutdown(wait=True, cancel_futures=True)
+            break
+        except KeyboardInterrupt as exc:
+            interrupted = exc
+    if interrupted is not None:
+        raise interrupted
 
 
 def _skip_unchanged(acc: Account, state: State, session: ImapSession, work: list[FolderInfo],
@@ -220,7 +236,8 @@ class _FolderRunner:
                  opts: Options) -> None:
         self.acc, self.state, self.pool, self.progress = acc, state, pool, progress
         self.mode, self.opts = mode, opts
-        self.stop = threading.Event()  # set on a storage error: no point going on
+        self.stop = threading.Event()  # set on a storage error (no point going on) or on Ctrl-C
+        self.interrupted = False       # Ctrl-C
 
     def __call__(self, info: FolderInfo, path: Path) -> FolderResult:
         res = FolderResult(name=info.name)
@@ -228,7 +245,7 @@ class _FolderRunner:
         attempt = 0
         while True:
             if self.stop.is_set():
-                res.error = "skipped after a local storage error"
+                res.error = "interrupted" if self.interrupted else "skipped after a local storage error"
                 break
             try:
                 session = self.pool.take()
@@ -286,7 +303,7 @@ class _FolderRunner:
             delay = min(2 ** (attempt - 1), 30)
             log.info("%s: %s; retrying in %ss", info.name, err, delay)
             self.progress("retry", {"folder": info.name, "error": str(err), "delay": delay})
-            time.sleep(delay)
+            self.stop.wait(delay)  # (a Ctrl-C meanwhile ends the wait: the loop then stops)
         res.seconds = time.monotonic() - t0
         self.progress("folder_done", {"result": res})
         return res

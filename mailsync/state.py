@@ -157,7 +157,8 @@ class State:
                 self.db.execute(f"PRAGMA user_version={v + 1}")
                 self.db.execute("COMMIT")
             except BaseException:
-                self.db.execute("ROLLBACK")
+                if self.db.in_transaction:  # (a Ctrl-C may land after the COMMIT)
+                    self.db.execute("ROLLBACK")
                 raise
 
     def close(self) -> None:
