@@ -148,9 +148,22 @@ class _Bars:
         self.bytes.close()
 
 
+# exit codes of a whole-account stop rank before those of a run that got through in part
+_PARTIAL = (ConnectionLost.exit_code, PartialFailure.exit_code, SafetyAbort.exit_code)
+
+
+def _worst(codes: list[int]) -> int:
+    """The exit code of several accounts: the first of those that stopped an account as a whole
+    (1-5, 7, 8), else the first of those that got through in part (6, 9, 10), else 0."""
+    stops = [c for c in codes if c and c not in _PARTIAL]
+    partial = [c for c in codes if c in _PARTIAL]
+    return (stops or partial or [0])[0]
+
+
 @app.command()
 def sync(
-    account: str = typer.Argument(..., help="Account name from the config."),
+    account: Optional[str] = typer.Argument(None, help="Account name from the config (none, or --all: every account)."),
+    all_accounts: bool = typer.Option(False, "--all", "-a", help="Every account of the config, one after another."),
     mode: Optional[str] = typer.Option(None, "--mode", help="Override the account's mode: backup or sync."),
     dry_run: bool = typer.Option(False, "--dry-run", "-n", help="Print what would be done; change nothing."),
     force: bool = typer.Option(False, "--force", help="Go ahead even when the deletion guard trips."),
@@ -159,13 +172,47 @@ def sync(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="Config file."),
     debug: bool = typer.Option(False, "--debug", help="Log and show tracebacks."),
 ) -> None:
-    """Sync ACCOUNT: back up (mode backup) or sync both ways (mode sync) every selected folder."""
+    """Sync ACCOUNT (or every account): back up (mode backup) or sync both ways (mode sync) every
+    selected folder."""
     debug = debug or _opts.get("debug", False)
+    interrupted = "mailsync: interrupted; what was saved is kept, run again to continue"
     # the summary too: a Ctrl-C while it is printed is an interruption like any other
-    with _Errors(debug, "mailsync: interrupted; what was saved is kept, run again to continue"):
+    with _Errors(debug, interrupted):
         if debug:
             logging.basicConfig(level=logging.DEBUG, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+        if account and all_accounts:
+            raise ConfigError("name an account or give --all, not both",
+                              hint=f"mailsync sync {account}, or mailsync sync --all")
         cfg = _load(config)
+        if account:
+            code, summary = _sync_account(cfg, account, mode, dry_run, force, quiet, as_json, debug, prefix="")
+            if as_json:
+                typer.echo(_json(summary))
+            raise typer.Exit(code)
+        if not cfg.accounts:
+            raise ConfigError(f"{cfg.path} has no accounts", hint="add an [accounts.NAME] table")
+        codes, summaries = [], []
+        for name in cfg.accounts:
+            code, summary = _sync_account(cfg, name, mode, dry_run, force, quiet, as_json, debug,
+                                          prefix=f"{_show(name)}: ")
+            codes.append(code)
+            if summary is not None:
+                summaries.append(summary)
+        code = _worst(codes)
+        if as_json:
+            typer.echo(_json({"exit_code": code, "accounts": summaries}))
+        failed = [n for n, c in zip(cfg.accounts, codes) if c]
+        if failed and not as_json:
+            typer.echo(f"mailsync: {len(failed)} of {len(codes)} accounts had errors ({', '.join(map(_show, failed))}); "
+                       "everything else was saved", err=True)
+    raise typer.Exit(code)
+
+
+def _sync_account(cfg, account: str, mode, dry_run, force, quiet, as_json, debug, prefix: str):
+    """One account's run, its lines printed (each error line starts with prefix). Returns its exit
+    code and its --json summary (None when it stopped before running: that is in its error line;
+    with one account, errors raise as usual)."""
+    try:
         acc = cfg.account(account)
         mode = mode or acc.mode
         if mode not in ("backup", "sync"):
@@ -191,33 +238,42 @@ def sync(
         finally:
             if bars:
                 bars.close()
+    except Exception as exc:  # noqa: BLE001 - one account of several: its error is its line and code
+        if not prefix:
+            raise
+        if debug:
+            traceback.print_exc()
+        if isinstance(exc, MailsyncError):
+            typer.echo(f"mailsync: error: {prefix}{_show(exc)}", err=True)
+            return exc.exit_code, None
+        typer.echo(f"mailsync: internal error: {prefix}{type(exc).__name__}: {exc} "
+                   "(please report it; run with --debug for details)", err=True)
+        return 1, None
 
-        failed = result.failed
-        code = 0
-        if failed:
-            if all(getattr(f, "_lost", False) for f in failed):
-                code = ConnectionLost.exit_code
-            elif all(getattr(f, "_safety", False) for f in failed):
-                code = SafetyAbort.exit_code
-            else:
-                code = PartialFailure.exit_code
-        if as_json:
-            typer.echo(_json(_summary(result, code)))
-        if dry_run and not as_json:
-            typer.echo(_dry_run_text(result))
-        for f in result.folders:
-            for c in f.conflicts:
-                typer.echo(f"mailsync: conflict: {_show(f.name)}: {_show(c)}", err=True)
-            for n in f.notices:  # notices go to stderr even with --quiet: cron mails them
-                typer.echo(f"mailsync: notice: {_show(f.name)}: {_show(n)}", err=True)
-        for f in failed:
-            typer.echo(f"mailsync: error: {_show(f.name)}: {_show(f.error)}", err=True)
-        if not quiet and not as_json and not dry_run:
-            typer.echo(_line(result))
-        if failed and not as_json:
-            typer.echo(f"mailsync: {len(failed)} of {len(result.folders)} folders failed; "
-                       "everything else was saved, run again to retry", err=True)
-    raise typer.Exit(code)
+    failed = result.failed
+    code = 0
+    if failed:
+        if all(getattr(f, "_lost", False) for f in failed):
+            code = ConnectionLost.exit_code
+        elif all(getattr(f, "_safety", False) for f in failed):
+            code = SafetyAbort.exit_code
+        else:
+            code = PartialFailure.exit_code
+    if dry_run and not as_json:
+        typer.echo(_dry_run_text(result))
+    for f in result.folders:
+        for c in f.conflicts:
+            typer.echo(f"mailsync: conflict: {prefix}{_show(f.name)}: {_show(c)}", err=True)
+        for n in f.notices:  # notices go to stderr even with --quiet: cron mails them
+            typer.echo(f"mailsync: notice: {prefix}{_show(f.name)}: {_show(n)}", err=True)
+    for f in failed:
+        typer.echo(f"mailsync: error: {prefix}{_show(f.name)}: {_show(f.error)}", err=True)
+    if not quiet and not as_json and not dry_run:
+        typer.echo(_line(result))
+    if failed and not as_json:
+        typer.echo(f"mailsync: {prefix}{len(failed)} of {len(result.folders)} folders failed; "
+                   "everything else was saved, run again to retry", err=True)
+    return code, _summary(result, code)
 
 
 class _Errors:

@@ -26,6 +26,10 @@ from mailsync.errors import AuthError, ConnectError, ConnectionLost, MailsyncErr
 from mailsync.model import normalise_flags
 
 log = logging.getLogger("mailsync.imap")
+# imapclient's own warnings (such as "a port (143) often used for unencrypted connections") would
+# reach stderr through logging's last resort; mailsync says what matters in its own words. They
+# still show with --debug, which logs everything.
+logging.getLogger("imapclient").addHandler(logging.NullHandler())
 
 BODY_ITEMS = [b"BODY.PEEK[]", b"FLAGS", b"INTERNALDATE"]
 BODY_ANSWER = frozenset({b"UID", b"BODY[]", b"FLAGS", b"INTERNALDATE"})  # what a body answer must carry
