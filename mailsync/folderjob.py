@@ -20,6 +20,7 @@ from pathlib import Path
 from mailsync import crashpoint
 from mailsync.config import Account
 from mailsync.errors import SafetyAbort, ServerError
+from mailsync.identity import Identity, Matcher, content_sha256, may_differ
 from mailsync.imap import FolderInfo, ImapSession, crlf, message_id, seqset
 from mailsync.maildir import MaildirFolder, storage_error
 from mailsync.model import FolderResult, Record, ServerView, split_flags
@@ -56,6 +57,15 @@ def local_stamp(path: Path) -> str | None:
             return None
         parts.append(f"{st.st_ino}:{st.st_mtime_ns}")
     return " ".join(parts)
+
+
+def _content_of(path: Path) -> str:
+    """The content hash (identity.py) of a file being staged."""
+    try:
+        with open(path, "rb") as f:
+            return content_sha256(f.read())
+    except OSError:
+        return ""
 
 
 def _place(flags) -> str:
@@ -199,21 +209,25 @@ class FolderJob:
         if not todo:
             return
         state, mf, fid, validity = self.state, self.mf, self.fid, self.validity
+        # mail we hold, by its exact bytes and by its content (identity.py: the same message in
+        # another form: LF line ends, headers another tool added)
         by_hash: dict[str, list[tuple[int | None, Record]]] = {}
         for rid, r in self.spare:
             by_hash.setdefault(r.sha256, []).append((rid, r))
+            # after a UIDVALIDITY change (rare) every file counts; reading each one is not done
+            # on other runs, where spare holds every message the server no longer has
+            ident = self._identity(r.key) if not self.same_validity else None
+            if ident is not None and ident.content != r.sha256:
+                by_hash.setdefault(ident.content, []).append((rid, r))
         for key in adopt:
-            try:
-                data = mf.read(self.on_disk[key])
-            except OSError:
+            ident = self._identity(key)
+            if ident is None:
                 continue
             fl, kw = mf.flags_of(self.on_disk[key][1])
-            rec = Record(uid=0, key=key, flags=fl, keywords=kw, size=len(data),
-                         sha256=hashlib.sha256(data).hexdigest())
-            by_hash.setdefault(rec.sha256, []).append((None, rec))
-            wire = crlf(data)  # the server holds the CRLF form of a file written with LF
-            if wire != data:
-                by_hash.setdefault(hashlib.sha256(wire).hexdigest(), []).append((None, rec))
+            rec = Record(uid=0, key=key, flags=fl, keywords=kw, size=ident.size, sha256=ident.sha256)
+            by_hash.setdefault(ident.sha256, []).append((None, rec))
+            if ident.content != ident.sha256:
+                by_hash.setdefault(ident.content, []).append((None, rec))
         sizes = {u: v[0] for u, v in self.new_full.items()}
         for uid in refetch:
             sizes.setdefault(uid, self.known[uid].size if uid in self.known else 0)
@@ -238,11 +252,13 @@ class FolderJob:
                     asked.discard(uid)
                     sha = body.sha256
                     hits = [h for h in by_hash.get(sha, ()) if h[1].key not in self.adopted]
+                    if not hits and by_hash and may_differ(body.head):
+                        hits = [h for h in by_hash.get(_content_of(body.path), ()) if h[1].key not in self.adopted]
                     if hits and uid not in refetch:
                         body.discard()
                         rid, rec = hits.pop()
-                        if rid is None:  # adopt an unknown local file with these exact bytes
-                            self.adopted.add(rec.key)
+                        self.adopted.add(rec.key)  # each file is bound to one server message
+                        if rid is None:  # adopt an unknown local file: this message in some form
                             if union:  # two-way: neither side's flags are lost
                                 extra = (rec.flags | rec.keywords) - (fl | kw)
                                 if extra:
@@ -337,6 +353,9 @@ class FolderJob:
         # files the state does not know (a lost state, a Maildir made by another tool) are
         # adopted when a downloaded message has the same bytes, instead of stored twice
         adopt = (self.on_disk.keys() - self.known_keys) if fetch else set()
+        if adopt:  # unambiguous (Message-ID, size) pairs are bound without a download
+            uids, keys = self.bind_by_hint(fetch, adopt, None)
+            fetch, adopt = [u for u in fetch if u not in uids], adopt - keys
         self.download(fetch + list(plan.refetch), set(plan.refetch), adopt)
         self.save_counters()
 
@@ -414,53 +433,59 @@ class FolderJob:
 
     def pair_new(self, plan, archived: set[str], local_flags: dict[str, frozenset[str]]):
         """New on the server and new (or archived) locally may be the same message: an upload a
-        kill interrupted, a lost state, a UIDVALIDITY change. Unambiguous (Message-ID, size)
-        pairs are bound now, without a transfer; the rest are matched by content while
-        downloading (see download). Bound pairs keep the union of both sides' flags."""
+        kill interrupted, a lost state, a UIDVALIDITY change, a Maildir another tool wrote.
+        Unambiguous (Message-ID, size) pairs are bound now, without a transfer; the rest are
+        matched by content while downloading (see download). Bound pairs keep the union of both
+        sides' flags."""
         cands = set(plan.upload) | archived
         if not cands or not plan.fetch:
             return plan
-        local_ids: dict[tuple[str, int], list[str]] = {}
-        local_meta: dict[str, tuple[int, str]] = {}
-        for k in cands:
-            try:
-                data = self.mf.read(self.on_disk[k])
-            except OSError:
-                continue
-            local_meta[k] = (len(data), hashlib.sha256(data).hexdigest())
-            mid = message_id(data)
-            if mid:
-                local_ids.setdefault((mid, len(crlf(data))), []).append(k)
-        if not local_ids:
+        uids, keys = self.bind_by_hint(list(plan.fetch), cands, local_flags)
+        if not uids:
             return plan
-        remote_ids: dict[tuple[str, int], list[int]] = {}
-        for uid, (size, mid) in self.s.message_ids(plan.fetch).items():
-            if mid:
-                remote_ids.setdefault((mid, size), []).append(uid)
-        pairs = [(uids[0], local_ids[k][0]) for k, uids in remote_ids.items()
-                 if len(uids) == 1 and len(local_ids.get(k, ())) == 1]
-        if not pairs:
-            return plan
-        if not self.opts.dry_run:
-            with self.state.transaction() as tx:
-                for uid, key in pairs:
-                    r_fl, r_kw = self.flags.get(uid, (frozenset(), frozenset()))
-                    merged = r_fl | r_kw | local_flags.get(key, frozenset())
-                    if merged != r_fl | r_kw:
-                        self.push_after.append((uid, merged))
-                    fl, kw = split_flags(merged)
-                    self._retag(key, fl, kw)
-                    tx.forget_key(self.fid, key)
-                    size, sha = local_meta[key]
-                    tx.add(self.fid, self.validity, Record(uid=uid, key=key, flags=fl, keywords=kw,
-                                                           size=size, sha256=sha), None)
-                self.mf.sync_dirs()
-        self.res.rebound += len(pairs)
-        uids = {u for u, _ in pairs}
-        keys = {k for _, k in pairs}
-        self.adopted |= keys
         return dataclasses.replace(plan, fetch=tuple(u for u in plan.fetch if u not in uids),
                                    upload=tuple(k for k in plan.upload if k not in keys))
+
+    def _identity(self, key: str) -> Identity | None:
+        try:
+            return Identity.of(self.mf.read(self.on_disk[key]))
+        except OSError:
+            return None  # gone meanwhile (a mail client): not a candidate
+
+    def bind_by_hint(self, fetch: list[int], cands: set[str],
+                     local_flags: dict[str, frozenset[str]] | None) -> tuple[set[int], set[str]]:
+        """Bind local files (cands) to new server messages (fetch) by unambiguous (Message-ID,
+        size) pairs, sizes of the file's forms allowed for (identity.Matcher), without a
+        download. local_flags given (two-way): both sides' flags are kept; else the server's.
+        Returns the UIDs and keys bound (in a dry run: those that would be)."""
+        m = Matcher()
+        for k in cands:
+            ident = self._identity(k)
+            if ident is not None and ident.message_id:
+                m.add(k, ident)
+        if not len(m):
+            return set(), set()
+        pairs = m.pair_by_hint(self.s.message_ids(fetch))
+        if not pairs:
+            return set(), set()
+        if not self.opts.dry_run:
+            with self.state.transaction() as tx:
+                for uid, key in pairs.items():
+                    fl, kw = self.flags.get(uid, (frozenset(), frozenset()))
+                    if local_flags is not None:
+                        merged = fl | kw | local_flags.get(key, frozenset())
+                        if merged != fl | kw:
+                            self.push_after.append((uid, merged))
+                        fl, kw = split_flags(merged)
+                    self._retag(key, fl, kw)
+                    tx.forget_key(self.fid, key)
+                    ident = m.ident[key]
+                    tx.add(self.fid, self.validity, Record(uid=uid, key=key, flags=fl, keywords=kw, size=ident.size,
+                                                           sha256=ident.sha256, message_id=ident.message_id), None)
+                self.mf.sync_dirs()  # renames durable before the state records them
+        self.res.rebound += len(pairs)
+        self.adopted |= set(pairs.values())
+        return set(pairs), set(pairs.values())
 
     def known_keys_on_server(self) -> set[str]:
         if self.fstate["uidvalidity"] is None:

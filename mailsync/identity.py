@@ -74,6 +74,22 @@ def canonical(data: bytes) -> bytes:
     return b"".join(kept) + rest
 
 
+def may_differ(head: bytes) -> bool:
+    """Whether a message starting with head can have a canonical form other than its bytes: it
+    has a bare LF, or one of ADDED_HEADERS in its header. (False: its SHA-256 is its content.)"""
+    end = head.find(b"\r\n\r\n")
+    part = head if end < 0 else head[:end]
+    if b"\n" in head.replace(b"\r\n", b""):
+        return True
+    low = part.lower()
+    return any((b"\n" + h + b":") in low or low.startswith(h + b":") for h in ADDED_HEADERS)
+
+
+def content_sha256(data: bytes) -> str:
+    """SHA-256 of the canonical form (equal for all copies of one message)."""
+    return hashlib.sha256(canonical(data)).hexdigest()
+
+
 class Match(Enum):
     EXACT = "exact"
     SAME_CONTENT = "same content"

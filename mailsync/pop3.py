@@ -18,6 +18,7 @@ from mailsync import crashpoint
 from mailsync.config import Account
 from mailsync.engine import RunResult
 from mailsync.errors import AuthError, ConnectError, ConnectionLost, ServerError, TLSError
+from mailsync.identity import Identity, content_sha256, may_differ
 from mailsync.imap import connect_errors, fingerprint_hex, message_id, pretty_fingerprint, tls_context
 from mailsync.maildir import MaildirFolder, make_dirs
 from mailsync.model import FolderResult
@@ -241,14 +242,19 @@ def _download(acc: Account, password: str, state: State, res: FolderResult, prog
                 orphans.setdefault(row["sha256"], []).append(uidl)
         # files no state row names (a lost state file, a Maildir filled by another tool): adopted
         # when a download has the same bytes, instead of stored twice
-        strays: dict[str, list[str]] = {}
+        # (by exact bytes, or by content: the same message with LF line ends or headers another
+        # tool added, see identity.py)
+        strays: dict[str, list[tuple[str, Identity]]] = {}
+        taken: set[str] = set()
         if todo:
             for key in on_disk.keys() - known_keys:
                 try:
-                    data = mf.read(on_disk[key])
+                    ident = Identity.of(mf.read(on_disk[key]))
                 except OSError:
                     continue
-                strays.setdefault(hashlib.sha256(data).hexdigest(), []).append(key)
+                strays.setdefault(ident.sha256, []).append((key, ident))
+                if ident.content != ident.sha256:
+                    strays.setdefault(ident.content, []).append((key, ident))
         rebound: set[str] = set()
         progress("folder_start", {"folder": "INBOX", "messages": len(todo),
                                   "bytes": sum(sizes.get(n, 0) for n in todo)})
@@ -263,8 +269,12 @@ def _download(acc: Account, password: str, state: State, res: FolderResult, prog
                     if orphans.get(sha) and n not in refetch:
                         rebinds.append((orphans[sha].pop(), ids[n]))
                         continue
-                    if strays.get(sha):
-                        adopted.append((strays[sha].pop(), ids[n], body, sha))
+                    stray = _take(strays, sha, taken)
+                    if stray is None and strays and may_differ(body[:65536]):
+                        stray = _take(strays, content_sha256(body), taken)
+                    if stray is not None:
+                        key, ident = stray  # the state describes the file as it is
+                        adopted.append((key, ids[n], ident.size, ident.sha256, ident.message_id))
                         continue
                     key = mf.stage(body, None)
                     staged.append((key, ids[n], body, sha))
@@ -283,8 +293,8 @@ def _download(acc: Account, password: str, state: State, res: FolderResult, prog
                 for old, new in rebinds:
                     tx.pop3_rebind(old, new)
                     rebound.add(old)
-                for key, uidl, body, sha in adopted:
-                    tx.pop3_add(uidl, key, len(body), sha, message_id(body), now)
+                for key, uidl, size, sha, mid in adopted:
+                    tx.pop3_add(uidl, key, size, sha, mid, now)
             crashpoint.hit("recorded")
             for key, *_ in staged:
                 on_disk[key] = ("new", mf.publish(key, frozenset()))
@@ -320,6 +330,15 @@ def _download(acc: Account, password: str, state: State, res: FolderResult, prog
         if not committed:
             s.close()
     res.seconds = time.monotonic() - t0
+
+
+def _take(strays: dict, digest: str, taken: set[str]):
+    """A stray file with this digest not bound yet (each file is bound once), or None."""
+    for key, ident in strays.get(digest, ()):
+        if key not in taken:
+            taken.add(key)
+            return key, ident
+    return None
 
 
 def _text(exc: BaseException) -> str:

@@ -10,7 +10,6 @@ gone from the destination, and updates flags (the source wins).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import sqlite3
@@ -24,6 +23,7 @@ from mailsync import crashpoint
 from mailsync.config import Account
 from mailsync.errors import ServerError, StorageError
 from mailsync.folders import selected
+from mailsync.identity import content_sha256
 from mailsync.imap import FolderInfo, ImapSession, crlf, message_id
 from mailsync.localfolders import local_folders
 from mailsync.maildir import MaildirFolder
@@ -133,9 +133,9 @@ class Destination:
         cands = by_size.get(size, [])
         if not cands:
             return None
-        want = hashlib.sha256(data).hexdigest()
+        want = content_sha256(data)  # the same message in any form (identity.py)
         for uid, body, *_ in self.s.bodies(list(cands)):
-            if body is not None and hashlib.sha256(body).hexdigest() == want:
+            if body is not None and content_sha256(body) == want:
                 cands.remove(uid)
                 return uid
         return None

@@ -42,6 +42,7 @@ from pathlib import Path
 from mailsync.config import Account
 from mailsync.errors import ConfigError, ConnectionLost, MailsyncError, ServerError, StorageError
 from mailsync.folders import map_paths, selected
+from mailsync.identity import Identity, same
 from mailsync.imap import FolderInfo, ImapSession, crlf
 from mailsync.maildir import MaildirFolder
 from mailsync.model import Record
@@ -112,6 +113,7 @@ class FolderReport:
     flag_differences: list[Problem] = field(default_factory=list)
     extra: list[Problem] = field(default_factory=list)
     kept: list[Problem] = field(default_factory=list)
+    other_form: list[Problem] = field(default_factory=list)  # deep: same message, other bytes (adopted)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -139,7 +141,7 @@ class FolderReport:
             "notes": list(self.notes),
         }
         for attr in ("missing", "hash_mismatches", "size_mismatches", "deep_mismatches", "lost",
-                     "flag_differences", "extra", "kept"):
+                     "flag_differences", "extra", "kept", "other_form"):
             out[attr] = [p.to_json() for p in getattr(self, attr)]
         return out
 
@@ -150,6 +152,8 @@ class FolderReport:
             counts.append(f"{len(self.kept)} kept after removal from the server")
         if self.deep_checked:
             counts.append(f"{self.deep_checked} compared with the server")
+        if self.other_form:
+            counts.append(f"{len(self.other_form)} in another form than the server's")
         head = "ok" if self.ok else f"{self.problems} problem{'s' if self.problems != 1 else ''}"
         if self.warnings:
             head += f", {self.warnings} warning{'s' if self.warnings != 1 else ''}"
@@ -162,6 +166,7 @@ class FolderReport:
         lines += [f"  {p.line(label)}" for p in self.lost]
         for attr, label in _WARNINGS:
             lines += [f"  {p.line(label)}" for p in getattr(self, attr)]
+        lines += [f"  {p.line('other form')}" for p in self.other_form]
         lines += [f"  note: {n}" for n in self.notes]
         return lines
 
@@ -449,15 +454,16 @@ class _Checker:
 
     @staticmethod
     def _same_on_the_wire(path: Path, rec: Record, server_size: int, sha: str | None) -> bool:
-        """A file uploaded with LF line ends: the state has its size, the server its CRLF size."""
+        """A file in another form than the server's copy (uploaded with LF line ends, or adopted
+        from another tool with its headers): the state has the file's size, the server the size
+        of one of its forms (identity.Identity.sizes)."""
         if sha is None or not rec.sha256 or sha != rec.sha256:
             return False
         try:
             data = path.read_bytes()
         except OSError:
             return False
-        wire = crlf(data)
-        return wire != data and rec.size == len(data) and len(wire) == server_size
+        return rec.size == len(data) and server_size in Identity.of(data).sizes
 
     def _deep(self, job: _Folder, s: ImapSession, rep: FolderReport, server, current, on_disk,
               local_sha: dict[str, str], where) -> None:
@@ -489,6 +495,14 @@ class _Checker:
                 except OSError:
                     wire = None
                 if got == wire:
+                    continue
+                try:
+                    other = same(Identity.of(body), Identity.of((job.path / sub / name).read_bytes()))
+                except OSError:
+                    other = None
+                if other is not None:
+                    rep.other_form.append(Problem(uid, where(key), "the server's message in another form (line "
+                                                  "ends, or headers another tool added): kept as it is"))
                     continue
                 rep.deep_mismatches.append(Problem(
                     uid, where(key), f"the server's copy (SHA-256 {got[:16]}..., {len(body)} bytes) differs "

@@ -7,7 +7,6 @@ import os
 import sqlite3
 import stat
 import time
-from datetime import datetime
 
 from mailsync.maildir import KeywordMap, folder_path
 from mailsync.model import split_name

@@ -6,7 +6,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import ssl
 
 import pytest
 
@@ -36,7 +35,7 @@ def one_line_error(r, code: int, *needles: str) -> str:
 
 def test_wrong_password(user):
     r = user.run("sync", "test", env=user.env(MAILSYNC_TEST_PASSWORD="wrong-password"))
-    line = one_line_error(r, 3, "login as", "failed", "check username and password")
+    one_line_error(r, 3, "login as", "failed", "check username and password")
     assert "wrong-password" not in r.stderr + r.stdout
 
 

@@ -99,3 +99,15 @@ def test_a_hint_with_the_wrong_size_pairs_nothing():
     m.add("k", Identity.of(b"Message-ID: <1@x>\n\nbody\n"))
     assert m.pair_by_hint({1: (5, "<1@x>")}) == {}
     assert len(m) == 1
+
+
+@given(messages(), st.lists(st.tuples(st.integers(0, 8), ADDED), max_size=2), st.booleans())
+def test_may_differ_is_never_wrong_when_it_says_no(msg, added, lf):
+    from mailsync.identity import content_sha256, may_differ
+    heads, body = msg
+    for pos, h in added:
+        heads = heads[:pos] + [h] + heads[pos:]
+    data = render(heads, body, b"\n" if lf else b"\r\n")
+    if not may_differ(data[:65536]):
+        assert canonical(data) == data
+        assert content_sha256(data) == Identity.of(data).sha256
