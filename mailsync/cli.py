@@ -477,12 +477,17 @@ def restore(
     _transfer_out(report, as_json, quiet)
 
 
+def _gone(f) -> int:
+    """Expunged on the server, not counting messages the server only gave new UIDs."""
+    return max(0, f.gone - f.renumbered)
+
+
 def _line(r) -> str:
     fs = r.folders
     new = sum(f.new for f in fs)
     parts = [f"{r.account}: {len(fs)} folders", f"{new} new ({_human(sum(f.bytes for f in fs))})",
              f"{sum(f.flags_changed for f in fs)} flags changed",
-             f"{sum(f.gone for f in fs)} gone from server"]
+             f"{sum(_gone(f) for f in fs)} gone from server"]
     if any(f.uploaded or f.flags_pushed or f.deleted_local or f.deleted_remote for f in fs):
         parts.append(f"{sum(f.uploaded for f in fs)} uploaded, {sum(f.flags_pushed for f in fs)} flags pushed, "
                      f"{sum(f.deleted_local for f in fs)} deleted locally, "
@@ -491,8 +496,10 @@ def _line(r) -> str:
         parts.append(f"{len(r.created)} folder{'s' if len(r.created) != 1 else ''} created on server")
     if any(f.refetched for f in fs):
         parts.append(f"{sum(f.refetched for f in fs)} restored")
-    if any(f.rebound for f in fs):
-        parts.append(f"{sum(f.rebound for f in fs)} re-matched")
+    if any(f.renumbered for f in fs):
+        parts.append(f"{sum(f.renumbered for f in fs)} renumbered by the server (matched again)")
+    if any(f.rebound - f.renumbered for f in fs):
+        parts.append(f"{sum(f.rebound - f.renumbered for f in fs)} re-matched")
     parts.append(f"{r.seconds:.1f} s")
     return ", ".join(parts)
 
@@ -536,7 +543,7 @@ def _summary(r, code: int) -> dict:
         "seconds": round(r.seconds, 3),
         "folders": [
             {"name": f.name, "new": f.new, "restored": f.refetched, "flags_changed": f.flags_changed,
-             "gone_from_server": f.gone, "rematched": f.rebound, "bytes": f.bytes,
+             "gone_from_server": _gone(f), "rematched": f.rebound, "renumbered": f.renumbered, "bytes": f.bytes,
              "seconds": round(f.seconds, 3), "skipped_unchanged": f.skipped, "notices": f.notices,
              "uploaded": f.uploaded, "flags_pushed": f.flags_pushed, "deleted_local": f.deleted_local,
              "deleted_remote": f.deleted_remote, "conflicts": f.conflicts,
@@ -548,7 +555,8 @@ def _summary(r, code: int) -> dict:
             "new": sum(f.new for f in r.folders),
             "restored": sum(f.refetched for f in r.folders),
             "flags_changed": sum(f.flags_changed for f in r.folders),
-            "gone_from_server": sum(f.gone for f in r.folders),
+            "gone_from_server": sum(_gone(f) for f in r.folders),
+            "renumbered": sum(f.renumbered for f in r.folders),
             "bytes": sum(f.bytes for f in r.folders),
             "failed_folders": sum(1 for f in r.folders if f.error),
             "uploaded": sum(f.uploaded for f in r.folders),

@@ -150,10 +150,7 @@ class FolderJob:
             raise ServerError(f"{s.where} did not report a valid UIDVALIDITY for this folder",
                               hint="the server is misbehaving; nothing in this folder was changed")
         self.same_validity = f["uidvalidity"] == validity
-        if f["uidvalidity"] is not None and not self.same_validity:
-            self.res.notices.append(
-                f"UIDVALIDITY changed ({f['uidvalidity']} -> {validity}): messages are re-matched by "
-                "Message-ID, size and content; no local file is deleted")
+        self.old_validity = f["uidvalidity"] if f["uidvalidity"] is not None and not self.same_validity else None
         self.known = self.state.records(self.fid, validity)
         old_next = (f["uidnext"] or 1) if self.same_validity else 1
         modseq = f["highestmodseq"] if (self.same_validity and s.condstore) else None
@@ -194,6 +191,7 @@ class FolderJob:
                         self._retag(rec.key, fl, kw)
                         tx.rebind(by_rec[id(rec)], self.validity, uid, fl, kw)
                 self.res.rebound += len(matched)
+                self.res.renumbered += len(matched)
                 fetch = [u for u in fetch if u not in matched]
                 self.spare = [(rid, r) for rid, r in self.spare if r not in matched.values()]
         return fetch
@@ -301,6 +299,7 @@ class FolderJob:
             self.res.new += sum(1 for _, r, _ in staged if r.uid not in refetch)
             self.res.refetched += sum(1 for _, r, _ in staged if r.uid in refetch)
             self.res.rebound += len(rebinds)
+            self.res.renumbered += sum(1 for r in rebinds if r[0] is not None)
             self.res.bytes += got
         if unanswered:
             # a message the server did not send must really be gone; if it is still there, the
@@ -312,6 +311,13 @@ class FolderJob:
 
     def save_counters(self) -> None:
         """Counters last: only after everything they cover is durable."""
+        res = self.res
+        if getattr(self, "old_validity", None) is not None:
+            res.notices.append(f"the server renumbered this folder (UIDVALIDITY {self.old_validity} -> "
+                               f"{self.validity}): {res.renumbered} messages matched again, {res.new} downloaded; "
+                               "no local file was deleted")
+        elif res.renumbered:
+            res.notices.append(f"the server gave {res.renumbered} messages new UIDs: matched again, not downloaded")
         with self.state.transaction() as tx:
             if not self.same_validity:
                 tx.mark_old_gone(self.fid, self.validity)

@@ -140,6 +140,7 @@ class FolderResult:
     flags_changed: int = 0
     gone: int = 0
     rebound: int = 0
+    renumbered: int = 0       # of rebound: mail we held under an old UID, bound to its new one
     bytes: int = 0
     seconds: float = 0.0
     skipped: bool = False

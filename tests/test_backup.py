@@ -259,8 +259,11 @@ def test_uidvalidity_change_rematches_without_deleting(user):
     c.logout()
     r = user.run("sync", "test", "--json")
     s = summary(r)
-    assert "UIDVALIDITY changed" in r.stderr
+    # what happened, in words a user does not read as mail lost
+    assert f"notice: Work: the server renumbered this folder (UIDVALIDITY {validity} -> " in r.stderr
+    assert "6 messages matched again, 1 downloaded; no local file was deleted" in r.stderr
     assert s["totals"]["new"] == 1  # only the truly new message is stored
+    assert s["totals"]["gone_from_server"] == 0 and s["totals"]["renumbered"] == 6
     work = next(f for f in s["folders"] if f["name"] == "Work")
     assert work["rematched"] == 6
     assert s["totals"]["bytes"] == len(msg(99)) + 0  # Message-ID matches were not downloaded
@@ -281,8 +284,11 @@ def test_uids_renumbered_without_uidvalidity_change_makes_no_duplicates(user):
     before = local_files(user.maildir)
     (user.server.maildir(user.name) / "dovecot-uidlist").unlink()
     user.server.doveadm("force-resync", "-u", user.name, "INBOX")
-    s = summary(user.run("sync", "test", "--json"))
-    assert s["totals"]["new"] == 0
+    r = user.run("sync", "test")
+    assert r.returncode == 0, r.stderr
+    assert "0 new" in r.stdout and "0 gone from server" in r.stdout, r.stdout
+    assert "4 renumbered by the server (matched again)" in r.stdout, r.stdout
+    assert "notice: INBOX: the server gave 4 messages new UIDs: matched again, not downloaded" in r.stderr
     assert local_files(user.maildir).keys() == before.keys()
     check_backup_matches_server(user)
 
