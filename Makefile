@@ -14,10 +14,13 @@ help:
 
 deps:
 	@if ! command -v dovecot >/dev/null 2>&1 && [ ! -x /usr/sbin/dovecot ] || ! command -v openssl >/dev/null 2>&1 \
-			|| ! command -v strace >/dev/null 2>&1; then \
-		echo "Installing Dovecot (dovecot-imapd, dovecot-pop3d), openssl and strace..."; \
+			|| ! command -v strace >/dev/null 2>&1 || ! command -v mbsync >/dev/null 2>&1 \
+			|| ! command -v offlineimap >/dev/null 2>&1; then \
+		echo "Installing Dovecot (dovecot-imapd, dovecot-pop3d), openssl, strace, and mbsync and OfflineIMAP"; \
+		echo "(isync, offlineimap3: the tests adopt Maildirs these tools wrote)..."; \
 		$(SUDO) apt-get update -qq && \
-		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq dovecot-imapd dovecot-pop3d openssl strace >/dev/null; \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq dovecot-imapd dovecot-pop3d openssl strace \
+			isync offlineimap3 >/dev/null; \
 	fi
 
 $(BIN)/mailsync: pyproject.toml

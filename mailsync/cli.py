@@ -164,7 +164,7 @@ def _worst(codes: list[int]) -> int:
 def sync(
     account: Optional[str] = typer.Argument(None, help="Account name from the config (none, or --all: every account)."),
     all_accounts: bool = typer.Option(False, "--all", "-a", help="Every account of the config, one after another."),
-    mode: Optional[str] = typer.Option(None, "--mode", help="Override the account's mode: backup or sync."),
+    mode: Optional[str] = typer.Option(None, "--mode", help="Override the account's mode: backup, sync or mirror."),
     dry_run: bool = typer.Option(False, "--dry-run", "-n", help="Print what would be done; change nothing."),
     force: bool = typer.Option(False, "--force", help="Go ahead even when the deletion guard trips."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing unless something fails (for cron)."),
@@ -215,9 +215,8 @@ def _sync_account(cfg, account: str, mode, dry_run, force, quiet, as_json, debug
     try:
         acc = cfg.account(account)
         mode = mode or acc.mode
-        if mode not in ("backup", "sync"):
-            raise ConfigError(f"[accounts.{acc.name}] mode '{mode}' is not available in mailsync {__version__}",
-                              hint='use mode = "backup" or "sync"')
+        if mode not in ("backup", "sync", "mirror"):
+            raise ConfigError(f"unknown mode '{mode}'", hint='use "backup", "sync" or "mirror"')
         if dry_run and mode != "sync":
             raise ConfigError("--dry-run shows what a two-way sync would change; it needs mode sync",
                               hint="a backup never changes the server; run it, or add --mode sync")
@@ -451,7 +450,7 @@ def migrate(
 def restore(
     account: str = typer.Argument(..., help="Account to upload to (IMAP)."),
     source: Path = typer.Option(..., "--from", help="The Maildir to upload (a backup, or any Maildir)."),
-    layout: Optional[str] = typer.Option(None, "--layout", help="maildir++ or fs (default: detected)."),
+    layout: Optional[str] = typer.Option(None, "--layout", help="maildir++, fs or flat (default: detected)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing unless something fails."),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="Config file."),
@@ -460,8 +459,8 @@ def restore(
     """Upload a Maildir to ACCOUNT: folders, flags, dates; resumable and without duplicates."""
     debug = _setup(config, debug)
     with _Errors(debug, "mailsync: interrupted; run again to continue, nothing is uploaded twice"):
-        if layout not in (None, "maildir++", "fs"):
-            raise ConfigError(f"--layout must be maildir++ or fs, not {layout!r}")
+        if layout not in (None, "maildir++", "fs", "flat"):
+            raise ConfigError(f"--layout must be maildir++, fs or flat, not {layout!r}")
         cfg = _load(config)
         acc = cfg.account(account)
         if acc.protocol != "imap":

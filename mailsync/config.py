@@ -14,7 +14,7 @@ from mailsync.errors import ConfigError
 
 PROTOCOLS = ("imap", "pop3")
 MODES = ("backup", "sync", "mirror")
-LAYOUTS = ("maildir++", "fs")
+LAYOUTS = ("maildir++", "fs", "flat")
 DEFAULT_PORTS = {"imap": 993, "pop3": 995}
 STARTTLS_PORTS = {"imap": 143, "pop3": 110}
 
@@ -84,7 +84,7 @@ _KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "maildir": ((str,), "a directory path"),
     "mode": ((str,), '"backup", "sync" or "mirror"'),
     "folders": ((list,), 'a list of patterns like ["*", "!Trash"]'),
-    "layout": ((str,), '"maildir++" or "fs"'),
+    "layout": ((str,), '"maildir++", "fs" or "flat"'),
     "utf8_names": ((bool,), "true or false"),
     "timeout": ((int, float), "seconds"),
     "connections": ((int,), "a number of connections (1-16)"),

@@ -3,7 +3,7 @@ N-th time it reaches the durable step NAME. Unset in normal use: one comparison.
 
 Names (where each is reached: docs/reliability.md): staged, recorded, published, folder (backup,
 sync, POP3; recorded and folder also migrate, folder also restore), upload-journaled, appended,
-marked-deleted, expunged (sync; appended also migrate and restore), created (migrate and restore)."""
+marked-deleted, expunged (sync; deleted-local: mirror; appended also migrate and restore), created (migrate and restore)."""
 
 from __future__ import annotations
 

@@ -259,7 +259,7 @@ class _FolderRunner:
                 try:
                     job = FolderJob(self.acc, self.state, session, info, path, res, self.progress, self.stop,
                                     self.opts)
-                    job.sync() if self.mode == "sync" else job.backup()
+                    {"sync": job.sync, "mirror": job.mirror}.get(self.mode, job.backup)()
                     self.pool.give(session)
                     break
                 except SafetyAbort as exc:

@@ -23,7 +23,7 @@ from mailsync.errors import SafetyAbort, ServerError
 from mailsync.identity import Identity, Matcher, content_sha256, may_differ
 from mailsync.imap import FolderInfo, ImapSession, crlf, message_id, seqset
 from mailsync.maildir import MaildirFolder, storage_error
-from mailsync.model import FolderResult, Record, ServerView, split_flags
+from mailsync.model import FolderResult, Record, ServerView, SyncPlan, split_flags
 from mailsync.plan import batches, deletion_guard, plan_backup, plan_sync, rematch
 from mailsync.state import State
 
@@ -93,6 +93,7 @@ class FolderJob:
         self.mf = MaildirFolder(self.path, maildirfolder=(self.path != acc.maildir and acc.layout == "maildir++"))
         if not self.opts.dry_run or self.existed:
             self.mf.ensure()
+        self.scan_stamp = local_stamp(self.path)  # before the scan: see stamp_in_step
         self.on_disk = self.mf.scan()
         self.known_keys = state.keys(self.fid)
         stranded = (self.mf.tmp_keys() & self.known_keys) - self.on_disk.keys()
@@ -132,7 +133,18 @@ class FolderJob:
     def remember_in_step(self) -> None:
         """cur/ and new/ match the state now: later runs may skip this folder without listing it."""
         if not self.opts.dry_run:
-            self.state.set_local_stamp(self.fid, local_stamp(self.path))
+            self.state.set_local_stamp(self.fid, self.stamp_in_step())
+
+    def stamp_in_step(self) -> str | None:
+        """local_stamp of cur/ and new/ if they hold just what this run believes (on_disk), else
+        None (the next run then looks instead of skipping): a mail reader may have delivered,
+        renamed or deleted a file after the scan, and a stamp taken after that would hide it."""
+        stamp = local_stamp(self.path)
+        if stamp is None or stamp == getattr(self, "scan_stamp", None):
+            return stamp  # (unchanged since before the scan)
+        if self.mf.listing() != self.on_disk or local_stamp(self.path) != stamp:
+            return None
+        return stamp
 
     def read_server(self, writable: bool) -> None:
         s, f = self.s, self.fstate
@@ -197,8 +209,14 @@ class FolderJob:
         return fetch
 
     def _retag(self, key: str, flags: frozenset[str], keywords=frozenset()) -> None:
+        """Rename a file to its new flags. A mail reader may have renamed it since the scan: this
+        run's change is merged into its letters now (MaildirFolder.retag). Deleted meanwhile, it
+        stays deleted: a local deletion for the next run; its on_disk entry is left as found (what
+        opens it later, load and remove, finds it gone and skips it: no upload, no rename)."""
         if key in self.on_disk:
-            self.on_disk[key] = (_place(flags), self.mf.retag(key, self.on_disk[key], flags, keywords))
+            where = self.mf.retag(key, self.on_disk[key], flags, keywords)
+            if where is not None:
+                self.on_disk[key] = where
 
     def download(self, todo: list[int], refetch: set[int], adopt: set[str], union: bool = False) -> None:
         """Fetch messages in batches bounded by bytes: stage in tmp/, flush as a group, record,
@@ -262,8 +280,9 @@ class FolderJob:
                                 if extra:
                                     self.push_after.append((uid, fl | kw | extra))
                                 fl, kw = fl | rec.flags, kw | rec.keywords
+                            # the size is the server's (as for every record), the hash the file's
                             rec = Record(uid=uid, key=rec.key, flags=rec.flags, keywords=rec.keywords,
-                                         size=rec.size, sha256=rec.sha256, message_id=message_id(body.head))
+                                         size=body.size, sha256=rec.sha256, message_id=message_id(body.head))
                         rebinds.append((rid, uid, fl, kw, rec))
                         continue
                     mtime = when.timestamp() if when is not None else None
@@ -324,7 +343,7 @@ class FolderJob:
             tx.save_folder(self.fid, uidvalidity=self.validity,
                            uidnext=self.sel.get("uidnext") or self.st.get("uidnext"),
                            highestmodseq=self.sel.get("highestmodseq") if self.s.condstore else None,
-                           messages=self.exists, local_stamp=local_stamp(self.path))
+                           messages=self.exists, local_stamp=self.stamp_in_step())
         crashpoint.hit("folder")
 
     # -- backup: server -> Maildir ------------------------------------------------------
@@ -364,6 +383,70 @@ class FolderJob:
             fetch, adopt = [u for u in fetch if u not in uids], adopt - keys
         self.download(fetch + list(plan.refetch), set(plan.refetch), adopt)
         self.save_counters()
+
+    # -- mirror: server -> Maildir, the Maildir kept a copy of the server ----------------
+
+    def mirror(self) -> None:
+        """As backup, and also: what the server expunged since the last run is deleted locally
+        (under the deletion guard, as in two-way sync), and flags changed locally are put back to
+        the server's. Files the server never had, and files kept from before as gone from the
+        server (by backup mode), are left alone."""
+        if self.quick_skip():
+            self.res.skipped = True
+            return
+        self.prepare_local()
+        self.status_unchanged()  # (STATUS: the counters read_server compares with)
+        self.read_server(writable=False)
+        view = ServerView(flags=self.flags, new={u: v[0] for u, v in self.new_full.items()},
+                          present=self.present)
+        plan = plan_backup(view, self.known, self.on_disk.keys())
+        on_server = sum(1 for r in self.known.values() if r.on_server)
+        why = deletion_guard(SyncPlan(delete_local=plan.gone), on_server, self.acc.max_delete)
+        if why and not self.opts.force:
+            raise SafetyAbort(f"{why}; nothing was changed in this folder",
+                              hint="check what happened on the server, then run with --force if it is right")
+        changed = {uid for uid, _fl, _kw in plan.set_flags}
+        if plan.set_flags or plan.back:
+            with self.state.transaction() as tx:
+                for uid, fl, kw in plan.set_flags:
+                    self._retag(self.known[uid].key, fl, kw)
+                    tx.set_flags(self.fid, self.validity, uid, fl, kw)
+                tx.set_on_server(self.fid, self.validity, plan.back, True)
+                if plan.set_flags:
+                    self.mf.sync_dirs()  # renames durable before the state records them
+        # flags changed in the Maildir go back to the server's (the state has them already)
+        gone = set(plan.gone)
+        reset = 0
+        for uid, rec in self.known.items():
+            if uid in gone or uid in changed or rec.key not in self.on_disk or not rec.on_server:
+                continue
+            before = self.on_disk[rec.key]
+            self._retag(rec.key, rec.flags, rec.keywords)
+            reset += self.on_disk[rec.key] != before
+        if reset:
+            self.mf.sync_dirs()
+        self.res.flags_changed += len(plan.set_flags) + reset
+        fetch = self.rebind_known_mail(list(plan.fetch))
+        adopt = (self.on_disk.keys() - self.known_keys) if fetch else set()
+        if adopt:
+            uids, keys = self.bind_by_hint(fetch, adopt, None)
+            fetch, adopt = [u for u in fetch if u not in uids], adopt - keys
+        self.download(fetch + list(plan.refetch), set(plan.refetch), adopt)
+        if gone:
+            for uid in sorted(gone):
+                self._unlink(self.known[uid].key)
+            self.mf.sync_dirs()
+            crashpoint.hit("deleted-local")
+            with self.state.transaction() as tx:
+                tx.forget(self.fid, self.validity, sorted(gone))
+            self.res.deleted_local += len(gone)
+        self.save_counters()
+
+    def _unlink(self, key: str) -> None:
+        """Remove a message file, found again if a mail reader renamed it (gone already: nothing
+        to do)."""
+        if key in self.on_disk:
+            self.mf.remove(key, self.on_disk.pop(key))
 
     # -- two-way sync ------------------------------------------------------------------
 
@@ -430,6 +513,8 @@ class FolderJob:
             raise SafetyAbort(f"{why}; nothing was changed in this folder",
                               hint="check what happened, then run with --force if it is right")
         plan = self.pair_new(plan, archived, local_flags)
+        if self.opts.dry_run:
+            plan = self.preview_content_pairs(plan, archived)
         self.res.plan = plan
         self.res.conflicts.extend(plan.conflicts)
         if self.opts.dry_run:
@@ -452,6 +537,37 @@ class FolderJob:
         return dataclasses.replace(plan, fetch=tuple(u for u in plan.fetch if u not in uids),
                                    upload=tuple(k for k in plan.upload if k not in keys))
 
+    def preview_content_pairs(self, plan, archived: set[str]):
+        """Dry run: the pairs download() would find by content (a local file that is a server
+        message in another form, without a usable Message-ID and size pair), found the same way,
+        so the dry run shows what the run will do. Only server messages that may match (the
+        Message-ID of a candidate file, or the size of one of its forms) are read, with
+        BODY.PEEK; nothing is written."""
+        cands = (set(plan.upload) | archived) - self.adopted
+        if not cands or not plan.fetch:
+            return plan
+        m = Matcher()
+        for k in cands:
+            ident = self._identity(k)
+            if ident is not None:
+                m.add(k, ident)
+        mids = {i.message_id for i in m.ident.values() if i.message_id}
+        sizes = set().union(*(i.sizes for i in m.ident.values())) if len(m) else set()
+        meta = self.s.message_ids(plan.fetch)
+        want = [u for u, (size, mid) in meta.items() if (mid and mid in mids) or size in sizes]
+        pairs: dict[int, str] = {}
+        for batch in batches({u: meta[u][0] for u in want}, want, self.acc.batch_bytes):
+            for uid, body, *_ in self.s.bodies(batch):
+                hit = m.by_content(Identity.of(body)) if body is not None else None
+                if hit is not None:
+                    pairs[uid] = hit[0]
+        if not pairs:
+            return plan
+        self.res.rebound += len(pairs)
+        keys = set(pairs.values())
+        return dataclasses.replace(plan, fetch=tuple(u for u in plan.fetch if u not in pairs),
+                                   upload=tuple(k for k in plan.upload if k not in keys))
+
     def _identity(self, key: str) -> Identity | None:
         try:
             return Identity.of(self.mf.read(self.on_disk[key]))
@@ -471,7 +587,8 @@ class FolderJob:
                 m.add(k, ident)
         if not len(m):
             return set(), set()
-        pairs = m.pair_by_hint(self.s.message_ids(fetch))
+        meta = self.s.message_ids(fetch)
+        pairs = m.pair_by_hint(meta)
         if not pairs:
             return set(), set()
         if not self.opts.dry_run:
@@ -486,7 +603,7 @@ class FolderJob:
                     self._retag(key, fl, kw)
                     tx.forget_key(self.fid, key)
                     ident = m.ident[key]
-                    tx.add(self.fid, self.validity, Record(uid=uid, key=key, flags=fl, keywords=kw, size=ident.size,
+                    tx.add(self.fid, self.validity, Record(uid=uid, key=key, flags=fl, keywords=kw, size=meta[uid][0],
                                                            sha256=ident.sha256, message_id=ident.message_id), None)
                 self.mf.sync_dirs()  # renames durable before the state records them
         self.res.rebound += len(pairs)
@@ -538,28 +655,40 @@ class FolderJob:
                     replaced={base[u].key: u for u in plan.reupload})
         # 3. deletions: local files for server expunges, server messages for removed files
         if plan.delete_local:
+            kept: set[int] = set()
             for uid in plan.delete_local:
                 key = base[uid].key
                 if key in self.on_disk:
-                    sub, name = self.on_disk.pop(key)
-                    try:
-                        os.unlink(self.path / sub / name)
-                    except FileNotFoundError:
-                        pass
-                    except OSError as exc:
-                        raise storage_error(exc, f"cannot remove {self.path / sub / name}") from None
+                    where = self.on_disk.pop(key)
+                    now = mf.locate(key, where)  # a mail reader may have renamed it since the scan
+                    if now is not None and now != where and self.acc.conflict != "server" \
+                            and mf.flags_of(now[1]) != mf.flags_of(where[1]):
+                        # its flags changed locally after all: the next run sees the conflict
+                        # (expunged on the server, changed locally) and applies the policy
+                        self.on_disk[key] = now
+                        kept.add(uid)
+                    elif now is not None:
+                        mf.remove(key, now)  # gone already (deleted by a mail reader): fine
+            done = [u for u in plan.delete_local if u not in kept]
             mf.sync_dirs()
             with state.transaction() as tx:
-                tx.forget(fid, validity, plan.delete_local)
-            self.res.deleted_local += len(plan.delete_local)
-        if plan.delete_remote:
+                tx.forget(fid, validity, done)
+            self.res.deleted_local += len(done)
+        delete_remote = list(plan.delete_remote)
+        if delete_remote:
+            # a file a mail reader renamed while the scan listed its directory may have been missed
+            # by it: a file there now is no deletion (look again, so a message is never deleted
+            # on the server for a file that is still here)
+            here = mf.scan()
+            delete_remote = [u for u in delete_remote if base[u].key not in here]
+        if delete_remote:
             # the base learns \Deleted first: a kill before the expunge then reads as "still to
             # delete", not as "changed on the server"
             with state.transaction() as tx:
-                for uid in plan.delete_remote:
+                for uid in delete_remote:
                     tx.set_flags(fid, validity, uid, base[uid].flags | {"\\Deleted"}, base[uid].keywords)
-            refused_del = self.s.store(plan.delete_remote, frozenset({"\\Deleted"}), frozenset(), unchanged)
-            doomed = [u for u in plan.delete_remote if u not in refused_del]
+            refused_del = self.s.store(delete_remote, frozenset({"\\Deleted"}), frozenset(), unchanged)
+            doomed = [u for u in delete_remote if u not in refused_del]
             crashpoint.hit("marked-deleted")
             if refused_del:
                 self.res.notices.append(f"{len(refused_del)} messages removed locally were changed on the "
@@ -601,13 +730,17 @@ class FolderJob:
                 raise Stopped()
             if key not in self.on_disk or key in self.adopted:
                 continue
-            sub, name = self.on_disk[key]
-            path = self.path / sub / name
+            path = self.path.joinpath(*self.on_disk[key])
             try:
-                raw = path.read_bytes()
-                mtime = path.stat().st_mtime
+                # found again by its key if a mail reader renamed it since the scan
+                got = self.mf.load(key, self.on_disk[key])
             except OSError as exc:
                 raise storage_error(exc, f"cannot read {path}") from None
+            if got is None:  # deleted by a mail reader meanwhile: a local deletion for the next run
+                del self.on_disk[key]
+                continue
+            raw, st, self.on_disk[key] = got
+            name, mtime = self.on_disk[key][1], st.st_mtime
             data = crlf(raw)
             flags, keywords = self.mf.flags_of(name)
             sha = hashlib.sha256(raw).hexdigest()
@@ -666,8 +799,11 @@ class FolderJob:
         self.validity = sel.get("uidvalidity")
         for key, uidnext, _size, mid, sha, replaces in pending:
             uid = None
-            if key in self.on_disk:
-                raw = self.mf.read(self.on_disk[key])
+            got = self.mf.load(key, self.on_disk[key]) if key in self.on_disk else None
+            if got is None:
+                self.on_disk.pop(key, None)  # deleted by a mail reader meanwhile
+            else:
+                raw, _st, self.on_disk[key] = got  # (renamed meanwhile: its name now)
                 uid = self.find_uploaded(mid, crlf(raw), uidnext)
             with self.state.transaction() as tx:
                 if uid is not None:

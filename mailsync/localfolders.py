@@ -30,7 +30,7 @@ def unescape_component(text: str, layout: str, utf8_names: bool) -> str:
     The maildir++ first-component spelling "%6Dailsync" belongs to folder_path, not to this
     function, and is rejected here like any other needless escape.
     """
-    if layout not in ("maildir++", "fs"):
+    if layout not in ("maildir++", "fs", "flat"):
         raise ValueError(f"unknown layout {layout!r}")
     name = _unescape(text, utf8_names)
     if disk_component(name, layout, utf8_names) != text:
@@ -92,7 +92,7 @@ def local_folders(root: Path, layout: str, utf8_names: bool
     whose names folder_path() could not have produced; nothing inside them is reported as a folder.
     A missing root is simply empty; other errors reading the tree raise StorageError.
     """
-    if layout not in ("maildir++", "fs"):
+    if layout not in ("maildir++", "fs", "flat"):
         raise ValueError(f"unknown layout {layout!r}")
     root = Path(root)
     real_root = os.path.realpath(root)
@@ -100,7 +100,7 @@ def local_folders(root: Path, layout: str, utf8_names: bool
     bad: list[Path] = []
     if not os.path.isdir(real_root):
         return folders, bad
-    if _is_folder(root, real_root):
+    if layout != "flat" and _is_folder(root, real_root):  # flat: INBOX is root/INBOX
         folders[("INBOX",)] = root
 
     links: list[tuple[tuple[str, ...], Path]] = []  # folders reached through a symlink
@@ -139,6 +139,15 @@ def local_folders(root: Path, layout: str, utf8_names: bool
             path = root / name
             if _is_folder(path, real_root):
                 accept(path, name[1:].split("."), is_link)
+        return done()
+
+    if layout == "flat":  # every folder a directory directly under root, no leading dot
+        for name, is_link in _subdirs(root, real_root):
+            if name.startswith(".") or name.lower() in SUBDIRS:
+                continue
+            path = root / name
+            if _is_folder(path, real_root):
+                accept(path, name.split("."), is_link)
         return done()
 
     # fs: depth-first over real directories; (path, components, topmost undecodable ancestor)

@@ -34,6 +34,8 @@ SUBDIRS = ("cur", "new", "tmp")
 _counter = itertools.count(1)
 _OUR_TMP = re.compile(r"^\d+\.M\d+P\d+Q\d+R[0-9a-f]+\.")
 STALE_TMP_SECONDS = 36 * 3600  # the Maildir convention for leftovers of other programs
+SCAN_TRIES = 3     # listings of new/ and cur/ while a mail reader changes them (see scan)
+RENAME_TRIES = 50  # a file a mail reader renames again and again is looked for this often
 
 _libc = None
 try:
@@ -81,11 +83,13 @@ def _escape(text: str, unsafe: str) -> str:
 
 
 def disk_component(name: str, layout: str, utf8_names: bool) -> str:
-    """One folder-name component (already split on the server's separator) -> a safe dir name."""
+    """One folder-name component (already split on the server's separator) -> a safe dir name.
+
+    maildir++ and flat join the components with '.', so a '.' inside one is escaped (%2E)."""
     if name == "":
         return "%-"
     text = name if utf8_names else utf7.encode(name)
-    if layout == "maildir++":
+    if layout in ("maildir++", "flat"):
         return _escape(text, "./")
     text = _escape(text, "/")
     if text.startswith("."):
@@ -96,8 +100,24 @@ def disk_component(name: str, layout: str, utf8_names: bool) -> str:
 
 
 def folder_path(root: Path, parts: list[str], layout: str, utf8_names: bool) -> Path:
-    """Server folder (its name split into components) -> its Maildir directory under root."""
-    if len(parts) == 1 and parts[0].upper() == "INBOX":
+    """Server folder (its name split into components) -> its Maildir directory under root.
+
+    maildir++: INBOX is root, Archive/2020 is root/.Archive.2020 (Dovecot, Courier, mbsync).
+    fs: INBOX is root, Archive/2020 is root/Archive/2020 (mbsync's SubFolders Verbatim).
+    flat: every folder, INBOX included, in its own directory directly under root, named by its
+    components joined with '.' and no leading dot: root/INBOX, root/Archive.2020 (OfflineIMAP's
+    default Maildir layout, mbsync's `Flatten .`). A '.' never starts such a name (components
+    escape '.'), so it is never hidden nor one of mailsync's own .mailsync.* files; a name that
+    would be cur, new or tmp (any case) has its first letter escaped, as in fs."""
+    is_inbox = len(parts) == 1 and parts[0].upper() == "INBOX"
+    if layout == "flat":
+        if is_inbox:
+            return root / "INBOX"
+        name = ".".join(disk_component(p, layout, utf8_names) for p in parts)
+        if name.lower() in SUBDIRS:  # also on case-insensitive file systems
+            name = f"%{ord(name[0]):02X}{name[1:]}"
+        return root / name
+    if is_inbox:
         return root
     comps = [disk_component(p, layout, utf8_names) for p in parts]
     if layout == "maildir++":
@@ -268,7 +288,24 @@ class MaildirFolder:
             os.umask(old)
 
     def scan(self) -> dict[str, tuple[str, str]]:
-        """key -> (subdir, file name) for every message file in new/ and cur/ (cur wins)."""
+        """key -> (subdir, file name) for every message file in new/ and cur/ (cur wins).
+
+        A mail reader (mutt, notmuch) may rename files meanwhile. new/ is listed before cur/, so a
+        file moved from new/ to cur/ is found at least once; and as readdir() need not return a
+        file renamed while it lists a directory (which a run would read as a local deletion), the
+        listing is repeated while cur/ or new/ changed under it, keeping what any listing found.
+        A file found here may still be renamed or deleted before it is used: retag, load and
+        remove find it again by its key (locate)."""
+        found: dict[str, tuple[str, str]] = {}
+        for _ in range(SCAN_TRIES):
+            before = self._dir_stamps()
+            found.update(self.listing())
+            if self._dir_stamps() == before:
+                break
+        return found
+
+    def listing(self) -> dict[str, tuple[str, str]]:
+        """One listing of new/ then cur/: key -> (subdir, file name), cur wins."""
         found: dict[str, tuple[str, str]] = {}
         for sub in ("new", "cur"):
             try:
@@ -282,6 +319,41 @@ class MaildirFolder:
                 continue
             except OSError as exc:
                 raise storage_error(exc, f"cannot read {self.path / sub}") from None
+        return found
+
+    def _dir_stamps(self) -> tuple:
+        out = []
+        for sub in ("new", "cur"):
+            try:
+                st = os.stat(self.path / sub)
+                out.append((st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size))
+            except OSError:
+                out.append(None)
+        return tuple(out)
+
+    def locate(self, key: str, hint: tuple[str, str] | None = None) -> tuple[str, str] | None:
+        """Where the file of message `key` is now: hint while it is there, else found by its key
+        (the name before ":2,") in new/ and cur/ (cur wins): a mail reader renamed it (its flags)
+        or moved it from new/ to cur/; it is the same message. None: it is gone (deleted)."""
+        if hint is not None and os.path.lexists(self.path / hint[0] / hint[1]):
+            return hint
+        found = None
+        for _ in range(SCAN_TRIES):
+            before = self._dir_stamps()
+            found = None
+            for sub in ("new", "cur"):
+                try:
+                    with os.scandir(self.path / sub) as it:
+                        for entry in it:
+                            if not entry.name.startswith(".") and split_name(entry.name)[0] == key:
+                                found = (sub, entry.name)
+                                break
+                except FileNotFoundError:
+                    continue
+                except OSError as exc:
+                    raise storage_error(exc, f"cannot read {self.path / sub}") from None
+            if found is not None or self._dir_stamps() == before:
+                break
         return found
 
     def tmp_keys(self) -> set[str]:
@@ -363,28 +435,113 @@ class MaildirFolder:
         except FileNotFoundError:
             pass
 
-    def retag(self, key: str, where: tuple[str, str], flags: frozenset[str], keywords=()) -> str:
-        """Rename a message file so its info and new/cur place match flags; keeps unknown letters."""
+    def retag(self, key: str, where: tuple[str, str], flags: frozenset[str],
+              keywords=()) -> tuple[str, str] | None:
+        """Rename a message file so its info and new/cur place match flags; keeps unknown letters.
+        Returns where the file is now, or None if it is gone.
+
+        where is where this run found the file. A mail reader may have renamed it since (its
+        flags, or new/ -> cur/): it is found again by its key, and this run's change (the flags
+        it adds and removes, against where's letters) is applied on top of the letters the file
+        has now, so the reader's change is kept (and seen as a local change by the next run).
+        A file deleted meanwhile stays deleted (None): a local deletion for the next run. Never
+        replaces a file (link, then unlink the old name); the caller makes it durable
+        (sync_dirs) before the state records the new flags."""
+        keywords = frozenset(keywords)
+        was_fl, was_kw = self.flags_of(where[1])
+        add_fl, del_fl = flags - was_fl, was_fl - flags
+        add_kw, del_kw = keywords - was_kw, was_kw - keywords
         sub, name = where
-        _, info = split_name(name)
-        want_sub = "cur" if "\\Seen" in flags else "new"
-        want = join_name(key, self._info(flags, keywords, info or ""))
-        if (sub, name) == (want_sub, want):
-            return want
-        src = self.path / sub / name
-        dst = self.path / want_sub / want
-        try:
-            os.link(src, dst)
-            os.unlink(src)
-        except FileExistsError:
-            os.unlink(src)
-        except OSError as exc:
-            raise storage_error(exc, f"cannot rename {src}") from None
-        return want
+        for _ in range(RENAME_TRIES):
+            _, info = split_name(name)
+            now_fl, now_kw = self.flags_of(name)
+            fl, kw = (now_fl | add_fl) - del_fl, (now_kw | add_kw) - del_kw
+            want_sub = "cur" if "\\Seen" in fl else "new"
+            want = join_name(key, self._info(fl, kw, info or ""))
+            if (sub, name) == (want_sub, want):
+                return sub, name
+            src = self.path / sub / name
+            dst = self.path / want_sub / want
+            try:
+                os.link(src, dst)
+            except FileExistsError:
+                # that name is this message already (keys are unique): a run killed between link
+                # and unlink, or a mail reader that gave it these letters
+                try:
+                    os.unlink(src)
+                except FileNotFoundError:
+                    pass  # renamed meanwhile: found again below
+                except OSError as exc:
+                    raise storage_error(exc, f"cannot rename {src}") from None
+                else:
+                    return want_sub, want
+            except FileNotFoundError:
+                pass  # renamed or deleted by a mail reader since it was found: found again below
+            except OSError as exc:
+                raise storage_error(exc, f"cannot rename {src}") from None
+            else:
+                try:
+                    os.unlink(src)
+                    return want_sub, want
+                except FileNotFoundError:
+                    # a mail reader renamed it between the link and the unlink: the reader's new
+                    # name holds the message too, so our link is an extra name: drop it and merge
+                    # again from where the reader put it. Only while another name holds it: if
+                    # ours is its only name now, it is kept (never lose mail)
+                    try:
+                        if os.lstat(dst).st_nlink > 1:
+                            os.unlink(dst)
+                    except FileNotFoundError:
+                        pass
+                    except OSError as exc:
+                        raise storage_error(exc, f"cannot remove {dst}") from None
+                except OSError as exc:
+                    raise storage_error(exc, f"cannot rename {src}") from None
+            now = self.locate(key)
+            if now is None:
+                return None
+            sub, name = now
+        raise StorageError(f"cannot rename {self.path / sub / name}: another program keeps renaming it",
+                           hint="run again when the mail reader is idle; nothing was lost")
+
+    def load(self, key: str, where: tuple[str, str]) -> tuple[bytes, os.stat_result, tuple[str, str]] | None:
+        """(bytes, stat, where it is) of a message file found by a scan, found again by its key if
+        a mail reader renamed it meanwhile; None if it was deleted meanwhile (a local deletion
+        for the next run). Other errors raise OSError."""
+        for _ in range(RENAME_TRIES):
+            try:
+                with open(self.path / where[0] / where[1], "rb") as f:
+                    return f.read(), os.fstat(f.fileno()), where
+            except FileNotFoundError:
+                now = self.locate(key)
+                if now is None:
+                    return None
+                where = now
+        raise FileNotFoundError(errno.ENOENT, "another program keeps renaming it", str(self.path / where[0] / where[1]))
 
     def read(self, where: tuple[str, str]) -> bytes:
-        with open(self.path / where[0] / where[1], "rb") as f:
-            return f.read()
+        """A message file's bytes (see load); FileNotFoundError if it was deleted meanwhile."""
+        got = self.load(split_name(where[1])[0], where)
+        if got is None:
+            raise FileNotFoundError(errno.ENOENT, "deleted meanwhile", str(self.path / where[0] / where[1]))
+        return got[0]
+
+    def remove(self, key: str, where: tuple[str, str]) -> tuple[str, str] | None:
+        """Unlink a message file found by a scan, found again by its key if a mail reader renamed
+        it meanwhile. Returns the name removed, None if it was gone already."""
+        for _ in range(RENAME_TRIES):
+            try:
+                os.unlink(self.path / where[0] / where[1])
+                return where
+            except FileNotFoundError:
+                now = self.locate(key)
+                if now is None:
+                    return None
+                where = now
+            except OSError as exc:
+                raise storage_error(exc, f"cannot remove {self.path / where[0] / where[1]}") from None
+        raise StorageError(f"cannot remove {self.path / where[0] / where[1]}: another program keeps renaming it",
+                           hint="run again when the mail reader is idle; nothing was lost")
 
     def clean_tmp(self, keep: set[str]) -> int:
         """Remove our own tmp leftovers not named by the state, and anyone's older than 36 h."""

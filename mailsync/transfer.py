@@ -171,8 +171,11 @@ class Destination:
 # ----------------------------------------------------------------------------- restore
 
 def detect_layout(root: Path) -> str:
-    """maildir++ when a dot-directory holds a folder; fs when a plain sub-directory does."""
+    """maildir++ when a dot-directory holds a folder; flat when the root holds no mail but an
+    INBOX directory does (OfflineIMAP); fs when a plain sub-directory does."""
     fs = False
+    if not (root / "cur").is_dir() and ((root / "INBOX" / "cur").is_dir() or (root / "INBOX" / "new").is_dir()):
+        return "flat"
     for p in root.iterdir():
         if not p.is_dir() or p.name in ("cur", "new", "tmp"):
             continue

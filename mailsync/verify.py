@@ -495,6 +495,8 @@ class _Checker:
                 except OSError:
                     wire = None
                 if got == wire:
+                    rep.other_form.append(Problem(uid, where(key), "the server's message with LF line ends "
+                                                  "(CRLF on the server): kept as it is"))
                     continue
                 try:
                     other = same(Identity.of(body), Identity.of((job.path / sub / name).read_bytes()))

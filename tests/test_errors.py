@@ -183,9 +183,11 @@ def test_server_hanging_up_every_time_exits_6_and_keeps_what_was_saved(user):
     assert sorted(files.values()) == sorted(sent)
 
 
-def test_unsupported_mode_is_a_clear_error(user):
-    user.write_config('mode = "mirror"')
-    one_line_error(user.run("sync", "test"), 2, "mode 'mirror' is not available")
+def test_unknown_mode_is_a_clear_error(user):
+    one_line_error(user.run("sync", "test", "--mode", "bogus"), 2, "unknown mode 'bogus'")
+    user.write_config('protocol = "pop3"\nmode = "mirror"', port=user.server.pop3s_port)
+    one_line_error(user.run("sync", "test"), 2, "POP3 is download-only: mode 'mirror' needs IMAP")
+    assert not local_files(user.maildir)
 
 
 def test_debug_shows_traceback_but_never_the_password(user):
