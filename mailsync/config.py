@@ -44,7 +44,7 @@ class Account:
     max_delete: int | None = None  # None: 10% of a folder (at least 5), never all of it
     create: str = "both"
     delete_after_days: float | None = None  # POP3: DELE what is safely stored and this old
-    max_message_size: int | None = None     # POP3: skip (with a notice) anything bigger
+    max_message_size: int | None = None     # skip (with a notice) anything bigger
     starttls: bool = False                  # plaintext port, then STARTTLS (required)
     folder_map: dict | None = None          # migrate: source folder -> destination folder
     max_bytes_per_second: int | None = None  # migrate/restore: upload rate limit
@@ -241,9 +241,6 @@ def _account(name: str, sec, path: Path, warnings: list[str]) -> Account:
     mms = sec.get("max_message_size")
     if mms is not None and mms < 1:
         raise ConfigError(f"{where}: 'max_message_size' must be a positive number of bytes")
-    if mms is not None and protocol != "pop3":
-        raise ConfigError(f"{where}: 'max_message_size' applies to protocol = \"pop3\" only",
-                          hint="an IMAP backup never skips a message")
 
     fmap = sec.get("folder_map")
     if fmap is not None and not all(isinstance(k, str) and isinstance(v, str) and v for k, v in fmap.items()):

@@ -81,6 +81,7 @@ class FolderJob:
         self._unchanged: bool | None = None                      # the STATUS check, once asked
         self.adopted: set[str] = set()                          # local files bound to a server message
         self.push_after: list[tuple[int, frozenset[str]]] = []  # (uid, full flag set) to store
+        self.too_big: list[int] = []                            # new, over max_message_size
 
     # -- common steps -------------------------------------------------------------------
 
@@ -328,6 +329,20 @@ class FolderJob:
                 raise ServerError(f"the server did not send {len(still)} messages it still lists (UIDs "
                                   f"{seqset(still)}); they are fetched again on the next run")
 
+    def skip_too_big(self, fetch) -> list[int]:
+        """New messages over max_message_size are not downloaded (a notice says how many); the
+        saved UIDNEXT stays below them, so each run sees them again and a raised limit gets them."""
+        limit = self.acc.max_message_size
+        if not limit:
+            return list(fetch)
+        big = [u for u in fetch if self.new_full.get(u, (0,))[0] > limit]
+        if big:
+            self.too_big = big
+            self.res.skipped_too_big = len(big)  # type: ignore[attr-defined]
+            self.res.notices.append(f"{len(big)} messages larger than max_message_size ({limit} bytes) were not "
+                                    "downloaded; raise max_message_size to get them")
+        return [u for u in fetch if u not in set(big)]
+
     def save_counters(self) -> None:
         """Counters last: only after everything they cover is durable."""
         res = self.res
@@ -340,8 +355,11 @@ class FolderJob:
         with self.state.transaction() as tx:
             if not self.same_validity:
                 tx.mark_old_gone(self.fid, self.validity)
+            uidnext = self.sel.get("uidnext") or self.st.get("uidnext")
+            if self.too_big:  # seen again next run
+                uidnext = min(uidnext or min(self.too_big), min(self.too_big))
             tx.save_folder(self.fid, uidvalidity=self.validity,
-                           uidnext=self.sel.get("uidnext") or self.st.get("uidnext"),
+                           uidnext=uidnext,
                            highestmodseq=self.sel.get("highestmodseq") if self.s.condstore else None,
                            messages=self.exists, local_stamp=self.stamp_in_step())
         crashpoint.hit("folder")
@@ -374,7 +392,7 @@ class FolderJob:
                     self.mf.sync_dirs()  # renames durable before the state records them
             self.res.flags_changed += len(plan.set_flags)
             self.res.gone += len(plan.gone)
-        fetch = self.rebind_known_mail(list(plan.fetch))
+        fetch = self.skip_too_big(self.rebind_known_mail(list(plan.fetch)))
         # files the state does not know (a lost state, a Maildir made by another tool) are
         # adopted when a downloaded message has the same bytes, instead of stored twice
         adopt = (self.on_disk.keys() - self.known_keys) if fetch else set()
@@ -426,7 +444,7 @@ class FolderJob:
         if reset:
             self.mf.sync_dirs()
         self.res.flags_changed += len(plan.set_flags) + reset
-        fetch = self.rebind_known_mail(list(plan.fetch))
+        fetch = self.skip_too_big(self.rebind_known_mail(list(plan.fetch)))
         adopt = (self.on_disk.keys() - self.known_keys) if fetch else set()
         if adopt:
             uids, keys = self.bind_by_hint(fetch, adopt, None)
@@ -504,7 +522,7 @@ class FolderJob:
         base = {u: r for u, r in self.known.items() if r.on_server}
         base_keys_now = {r.key for r in base.values()}
         archived = (self.known_keys - base_keys_now) & self.on_disk.keys()
-        fetch_new = {u for u in self.new_full if u not in self.known}
+        fetch_new = set(self.skip_too_big(sorted(u for u in self.new_full if u not in self.known)))
         plan = plan_sync(base, self.flags, self.present, fetch_new,
                          {k: f for k, f in local_flags.items() if k not in archived}, self.acc.conflict)
         why = deletion_guard(plan, len(base), self.acc.max_delete)
