@@ -10,6 +10,10 @@ Steps, in order; the first failing step ends the check with its exit code (mails
   6. login        only with a username and a password                        (3)
   7. latency      a few NOOPs (min/median), then LOGOUT / QUIT               (6)
 
+Steps 1-4 and the greeting are check's own (to tell where and why a connection fails); then the
+connection is handed to imaplib/poplib, and the capabilities and the login are login.py's steps,
+run exactly as every other command runs them.
+
 Every line goes through `emit` with a 5-character prefix: "ok   ", "FAIL ", "warn ", "info ".
 A FAIL line is followed by one "  likely cause: ...; fix: ..." line. The password is sent to the
 server and nowhere else: it is never printed, stored on the target, or put into an exception.
@@ -17,8 +21,9 @@ server and nowhere else: it is never printed, stored on the target, or put into 
 
 from __future__ import annotations
 
+import imaplib
 import ipaddress
-import re
+import poplib
 import socket
 import ssl
 import statistics
@@ -30,12 +35,22 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from types import SimpleNamespace
 from typing import ClassVar, NoReturn
 
-from mailsync.config import DEFAULT_PORTS, PROTOCOLS
-from mailsync.errors import AuthError, ConfigError, ConnectError, ConnectionLost, TLSError
-from mailsync.imap import fingerprint_hex, pretty_fingerprint, tls_context
+from imapclient import IMAPClient
+
+from mailsync import login
+from mailsync.config import DEFAULT_PORTS, PROTOCOLS, Account
+from mailsync.errors import (
+    AuthError,
+    ConfigError,
+    ConnectError,
+    ConnectionLost,
+    MailsyncError,
+    ServerError,
+    TLSError,
+)
+from mailsync.login import fingerprint_hex, pretty_fingerprint
 
 DEFAULT_TIMEOUT = 20.0          # for `mailsync check HOST[:PORT]` (an account has its own timeout)
 PROBE_PORTS = ((143, "IMAP, plaintext/STARTTLS"), (110, "POP3, plaintext/STARTTLS"),
@@ -68,6 +83,12 @@ class CheckTarget:
 def target_from_account(acc) -> CheckTarget:
     return CheckTarget(host=acc.host, port=acc.port, protocol=acc.protocol, username=acc.username,
                        ca_file=acc.ca_file, fingerprint=acc.fingerprint, timeout=acc.timeout)
+
+
+def _account(t: CheckTarget) -> Account:
+    """The target as the account login.py's steps take (no maildir, no password source)."""
+    return Account(name="check", host=t.host, username=t.username or "", maildir=Path(), protocol=t.protocol,
+                   port=t.port, ca_file=t.ca_file, fingerprint=t.fingerprint, timeout=t.timeout)
 
 
 def target_from_hostport(text: str, protocol: str, *, timeout: float = DEFAULT_TIMEOUT) -> CheckTarget:
@@ -164,6 +185,7 @@ class _Check:
     def __init__(self, t: CheckTarget, out: _Out) -> None:
         self.t = t
         self.out = out
+        self.acc = _account(t)   # what login.py's steps take
         self.tls: ssl.SSLSocket | None = None
 
     def close(self) -> None:
@@ -182,7 +204,7 @@ class _Check:
         self.tls = self.handshake(raw, addr)
         self.certificate(self.tls)
         conn = _Conn(self.tls, t.timeout)
-        proto = (_Imap if t.protocol == "imap" else _Pop3)(conn, t, self.out)
+        proto = (_Imap if t.protocol == "imap" else _Pop3)(conn, t, self.out, self.acc)
         proto.greeting()
         proto.capabilities()
         logged_in = False
@@ -307,9 +329,8 @@ class _Check:
     def context(self) -> ssl.SSLContext:
         t = self.t
         # the very function mailsync uses, so the check verifies exactly as a sync does
-        shim = SimpleNamespace(name="check", ca_file=t.ca_file, fingerprint=t.fingerprint)
         try:
-            return tls_context(shim)  # type: ignore[arg-type]
+            return login.tls_context(self.acc)
         except ConfigError:
             raise self.out.fail(ConfigError.exit_code, f"TLS: cannot load ca_file {t.ca_file}",
                                 "the file is missing, unreadable or not a PEM certificate",
@@ -474,7 +495,9 @@ class _Check:
             raise self.out.fail(TLSError.exit_code, f"TLS: {t.where} showed no certificate",
                                 "a broken or anonymous TLS server", "ask the server admin")
         cert = _Cert.from_der(der)
-        if t.fingerprint and cert.fingerprint != t.fingerprint:
+        try:
+            login.check_pin(self.acc, tls)   # the pin check every login makes
+        except TLSError:
             cert.show(self.out, t.host)
             raise self.out.fail(TLSError.exit_code,
                                 f"TLS: certificate of {t.where} does not match the pinned fingerprint: server shows "
@@ -482,7 +505,7 @@ class _Check:
                                 f"{pretty_fingerprint(t.fingerprint)}",
                                 "the certificate was renewed or replaced, or someone intercepts the connection",
                                 "confirm the new fingerprint with the provider, then set "
-                                f'fingerprint = "sha256:{pretty_fingerprint(cert.fingerprint)}"')
+                                f'fingerprint = "sha256:{pretty_fingerprint(cert.fingerprint)}"') from None
         if t.fingerprint:
             self.out.ok("certificate matches the pinned fingerprint")
         cert.show(self.out, t.host, verified=True)
@@ -614,7 +637,8 @@ def _example_host(names: list[str]) -> str:
 
 
 class _Conn:
-    """Line-oriented reads with a deadline per operation (so a trickling server cannot hang us)."""
+    """Line-oriented reads with a deadline per operation (so a trickling server cannot hang us),
+    for the greeting; then the protocol library (imaplib, poplib) takes the connection over."""
 
     def __init__(self, sock: ssl.SSLSocket, timeout: float) -> None:
         self.sock = sock
@@ -640,38 +664,57 @@ class _Conn:
         line, _, self.buf = self.buf.partition(b"\n")
         return line.rstrip(b"\r")
 
-    def read_exact(self, n: int, deadline: float) -> bytes:
-        while len(self.buf) < n:
-            self._fill(deadline)
-        data, self.buf = self.buf[:n], self.buf[n:]
-        return data
-
-    def send(self, data: bytes) -> None:
-        self.sock.settimeout(self.timeout)
-        self.sock.sendall(data)
+    def pending(self, line: bytes) -> bytes:
+        """The line read last and whatever came after it: for the library to read again."""
+        return line + b"\r\n" + self.buf
 
 
 class _Garbage(Exception):
     pass
 
 
-_LOST = (OSError, EOFError, ssl.SSLError)
+_LOST = (OSError, EOFError, ssl.SSLError, imaplib.IMAP4.abort)
 
 
 def _is_timeout(exc: BaseException) -> bool:
     return isinstance(exc, TimeoutError)
 
 
+def _underlying(exc: BaseException) -> BaseException:
+    """What a login.py error was translated from (raised `from None`, kept as its __context__)."""
+    return (exc.__context__ or exc) if isinstance(exc, MailsyncError) else exc
+
+
+def _exc_text(exc: BaseException) -> str:
+    s = exc.args[0] if exc.args else ""
+    if isinstance(s, bytes):
+        return s.decode("utf-8", "replace").strip()
+    return str(exc).strip() or type(exc).__name__
+
+
+def _bare(message: str) -> str:
+    """A login.py ConfigError's message without its "[accounts.NAME] " (check has no account)."""
+    return message.split("] ", 1)[1] if message.startswith("[accounts.") and "] " in message else message
+
+
 class _Proto:
+    """The steps from the greeting on. The greeting is read here (to tell a wrong port from a
+    wrong protocol); then imaplib or poplib takes the connection over through login.py, and the
+    capabilities and the login are login.py's steps, exactly as every other command runs them."""
+
     name = ""
     other = ""
 
-    def __init__(self, conn: _Conn, t: CheckTarget, out: _Out) -> None:
-        self.conn, self.t, self.out = conn, t, out
-        self.caps: list[str] = []
+    def __init__(self, conn: _Conn, t: CheckTarget, out: _Out, acc: Account) -> None:
+        self.conn, self.t, self.out, self.acc = conn, t, out, acc
+        self.caps = login.Capabilities()
+        self.greeted = b""                  # the greeting line, read again by the library
+        self.deadline = login.Deadline(t.timeout)   # one per command, for the library's reads
         self.secret: str | None = None      # the password, once sent: masked in whatever the server says
 
-    def text(self, data: bytes, limit: int = 160) -> str:
+    def text(self, data: bytes | str, limit: int = 160) -> str:
+        if isinstance(data, str):
+            data = data.encode("utf-8", "replace")
         return _server_text(data, limit, self.secret)
 
     def lost(self, step: str, exc: BaseException) -> _Fail:
@@ -707,6 +750,7 @@ class _Proto:
                                 "the server refuses this client (connection limit, blocklist) or is not "
                                 f"{self.name}", "try again later; check the port") from None
         self.check_greeting(line)
+        self.greeted = line
 
     def check_greeting(self, line: bytes) -> None:
         raise NotImplementedError
@@ -729,19 +773,35 @@ class _Proto:
                              "the server accepted TLS but did not greet: wrong protocol on this port?",
                              "check the port (IMAPS 993, POP3S 995)")
 
+    def login_failed(self, exc: MailsyncError, username: str, cause: str, fix: str) -> _Fail:
+        """login.py's answer to a failed login, in check's words (FAIL line, cause, fix)."""
+        if isinstance(exc, (ConnectError, ConnectionLost)):
+            return self.lost("login", _underlying(exc))
+        if isinstance(exc, ConfigError):
+            return self.out.fail(ConfigError.exit_code, f"login: {_bare(exc.message)}", "a copy-and-paste error "
+                                 "or a broken password source", exc.hint or "check the password")
+        refusal = getattr(exc, "refusal", None)
+        if refusal is None:  # no way in at all (LOGINDISABLED without AUTH=PLAIN, PREAUTH)
+            return self.out.fail(AuthError.exit_code, exc.message,
+                                 "the server does not allow password login (on this port)",
+                                 exc.hint or "ask the provider how to enable access")
+        if "[UNAVAILABLE]" in refusal.said.upper():
+            cause, fix = "the server's login service is temporarily unavailable", "try again later"
+        return self.out.fail(AuthError.exit_code, f"login as {username} at {self.t.where} failed: "
+                             f"{refusal.status} {self.text(refusal.said)}".rstrip(), cause, fix)
+
     SEP = " "
     SHOWN: ClassVar[tuple[str, ...]] = ()
     MISSING: ClassVar[dict[str, tuple[str, str]]] = {}   # capability -> (warn|info, what its absence means)
 
     def show_caps(self, label: str, before_login: bool) -> None:
-        self.out.ok(f"{label}: {self.SEP.join(self.caps) or '(none)'}")
-        have = {c.upper() for c in self.caps}
-        parts = [f"{name} {'yes' if name in have else 'no'}" for name in self.SHOWN]
+        self.out.ok(f"{label}: {self.text(self.SEP.join(self.caps.listed), 10_000) or '(none)'}")
+        parts = [f"{name} {'yes' if name in self.caps else 'no'}" for name in self.SHOWN]
         note = " (before login; servers often list more after login)" if before_login else ""
         self.out.info(", ".join(parts) + note)
         if not before_login:
             for name, (level, why) in self.MISSING.items():
-                if name not in have:
+                if name not in self.caps:
                     (self.out.warn if level == "warn" else self.out.info)(why)
 
 
@@ -754,10 +814,7 @@ class _Imap(_Proto):
         "UIDPLUS": ("info", ("no UIDPLUS: mailsync finds uploaded messages by Message-ID and expunges only "
                              "when no other message is marked \\Deleted")),
     }
-
-    def __init__(self, *a) -> None:
-        super().__init__(*a)
-        self.n = 0
+    client: IMAPClient
 
     def check_greeting(self, line: bytes) -> None:
         up = line[:12].upper()
@@ -774,113 +831,73 @@ class _Imap(_Proto):
         else:
             raise self.garbage(line)
 
-    def command(self, step: str, name: str, *args: bytes | _Literal) -> tuple[str, str, list[bytes]]:
-        """Send a command; (status OK/NO/BAD, text of the tagged line, untagged lines)."""
-        self.n += 1
-        tag = b"c%d" % self.n
-        try:
-            deadline = time.monotonic() + self.t.timeout
-            line = tag + b" " + name.encode()
-            untagged: list[bytes] = []
-            for a in args:
-                if isinstance(a, _Literal):
-                    self.conn.send(line + b" {%d}\r\n" % len(a.data))
-                    got = self._until(tag, deadline, untagged, continuation=True)
-                    if got is not None:        # refused before the literal was sent
-                        return got
-                    line = a.data
-                else:
-                    line += b" " + a
-            self.conn.send(line + b"\r\n")
-            return self._until(tag, deadline, untagged)
-        except (_Garbage, *_LOST) as exc:
-            raise self.lost(step, exc) from None
-
-    def _until(self, tag: bytes, deadline: float, untagged: list[bytes], continuation: bool = False):
-        while True:
-            line = self.conn.readline(deadline)
-            if continuation and line.startswith(b"+"):
-                return None
-            while m := _LITERAL.search(line):     # a literal inside a response: keep it in the line
-                line = line + b"\r\n" + self.conn.read_exact(int(m.group(1)), deadline) + self.conn.readline(deadline)
-            if line.startswith(tag + b" "):
-                status, _, text = line[len(tag) + 1:].partition(b" ")
-                return status.decode("ascii", "replace").upper(), self.text(text), untagged
-            if line.startswith(b"*"):
-                untagged.append(line)
-
-    def _capability(self, step: str) -> list[str]:
-        status, text, untagged = self.command(step, "CAPABILITY")
-        if status != "OK":
-            raise self.out.fail(ConnectionLost.exit_code, f"{step}: CAPABILITY answered {status} {text}",
-                                "the server does not speak IMAP properly", "check the port; ask the server admin")
-        caps: list[str] = []
-        for u in untagged:
-            if u[:13].upper() == b"* CAPABILITY ":
-                caps += u[13:].decode("ascii", "replace").split()
-        return caps
+    def not_imap(self, step: str, exc: BaseException) -> _Fail:
+        return self.out.fail(ConnectionLost.exit_code, f"{step}: {self.text(_exc_text(exc))}",
+                             "the server does not speak IMAP properly", "check the port; ask the server admin")
 
     def capabilities(self) -> None:
-        self.caps = self._capability("capabilities")
+        self.deadline.start()
+        try:   # imaplib reads the greeting again, then asks CAPABILITY
+            self.client = login.imap_attach(self.acc, self.conn.sock, self.conn.pending(self.greeted),
+                                            self.deadline)
+        except _LOST as exc:
+            raise self.lost("capabilities", exc) from None
+        except imaplib.IMAP4.error as exc:
+            raise self.not_imap("capabilities", exc) from None
+        self.caps = login.imap_capabilities(self.client)
         self.show_caps("capabilities", before_login=True)
 
     def login(self, username: str, password: str) -> None:
-        code = AuthError.exit_code
-        if "LOGINDISABLED" in {c.upper() for c in self.caps}:
-            raise self.out.fail(code, f"login: {self.t.where} advertises LOGINDISABLED",
-                                "the server does not allow password login (on this port)",
-                                "ask the provider how to enable IMAP access")
         self.secret = password
-        status, text, _ = self.command("login", "LOGIN", _astring(username), _astring(password))
-        if status != "OK":
-            if "[UNAVAILABLE]" in text.upper():
-                cause = "the server's login service is temporarily unavailable"
-                fix = "try again later"
-            else:
-                cause = ("wrong username or password, or IMAP access disabled at the provider "
-                         "(some need an app password or IMAP enabled in settings)")
-                fix = "check username and password with a mail client or webmail, create an app password, " \
-                      "enable IMAP in the provider's settings"
-            raise self.out.fail(code, f"login as {username} at {self.t.where} failed: {status} {text}", cause, fix)
-        self.out.ok(f"login as {username}: {text}")
-        self.caps = self._capability("capabilities after login")
+        self.deadline.start()
+        try:
+            done = login.imap_authenticate(self.acc, self.client, self.caps, login.authenticator(self.acc, password))
+        except MailsyncError as exc:
+            raise self.login_failed(exc, username,
+                                    "wrong username or password, or IMAP access disabled at the provider "
+                                    "(some need an app password or IMAP enabled in settings)",
+                                    "check username and password with a mail client or webmail, create an app "
+                                    "password, enable IMAP in the provider's settings") from None
+        self.out.ok(f"login as {username} ({done.mechanism}): {self.text(done.said)}")
+        self.deadline.start()
+        try:
+            self.caps = login.imap_capabilities_after_login(self.acc, self.client)
+        except (ConnectError, ConnectionLost) as exc:
+            raise self.lost("capabilities after login", _underlying(exc)) from None
+        except ServerError as exc:
+            raise self.not_imap("capabilities after login", exc) from None
         self.show_caps("capabilities after login", before_login=False)
 
     def latency(self, logged_in: bool) -> None:
         times = []
         for _ in range(NOOPS):
             start = time.perf_counter()
-            status, text, _ = self.command("latency", "NOOP")
+            self.deadline.start()
+            try:
+                typ, data = self.client._imap.noop()
+            except _LOST as exc:
+                raise self.lost("latency", exc) from None
+            except imaplib.IMAP4.error as exc:
+                raise self.not_imap("latency: NOOP", exc) from None
             times.append(time.perf_counter() - start)
-            if status != "OK":
-                raise self.out.fail(ConnectionLost.exit_code, f"latency: NOOP answered {status} {text}",
+            if typ != "OK":
+                raise self.out.fail(ConnectionLost.exit_code,
+                                    f"latency: NOOP answered {typ} {self.text(data[-1] if data else b'')}",
                                     "the server does not speak IMAP properly", "ask the server admin")
         _show_latency(self.out, "NOOP", times)
 
     def logout(self) -> None:
-        status, text, _ = self.command("logout", "LOGOUT")
-        if status == "OK":
+        self.deadline.start()
+        try:
+            typ, data = self.client._imap.logout()
+        except _LOST as exc:
+            raise self.lost("logout", exc) from None
+        except imaplib.IMAP4.error as exc:
+            typ, data = "BAD", [_exc_text(exc)]
+        if typ in ("OK", "BYE"):
             self.out.ok("logout")
         else:
-            self.out.warn(f"logout answered {status} {text}")
-
-
-_LITERAL = re.compile(rb"\{(\d+)\+?\}$")
-
-
-class _Literal:
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-
-    def __repr__(self) -> str:
-        return "_Literal(...)"   # may hold the password
-
-
-def _astring(s: str) -> bytes | _Literal:
-    """A quoted string where IMAP allows one (7-bit, no CR/LF/NUL), else a literal (UTF-8 bytes)."""
-    if all(32 <= ord(c) < 127 for c in s):
-        return b'"' + s.replace("\\", "\\\\").replace('"', '\\"').encode("ascii") + b'"'
-    return _Literal(s.encode("utf-8"))
+            self.out.warn(f"logout answered {typ} {self.text(data[-1] if data else b'')}")
 
 
 class _Pop3(_Proto):
@@ -890,6 +907,7 @@ class _Pop3(_Proto):
     MISSING: ClassVar[dict[str, tuple[str, str]]] = {
         "UIDL": ("warn", ("no UIDL: the server cannot name messages across sessions, so mailsync "
                           "cannot tell which ones it already has"))}
+    client: poplib.POP3
 
     def check_greeting(self, line: bytes) -> None:
         up = line[:6].upper()
@@ -904,75 +922,80 @@ class _Pop3(_Proto):
         else:
             raise self.garbage(line)
 
-    def command(self, step: str, line: bytes, multiline: bool = False) -> tuple[bool, str, list[bytes]]:
-        try:
-            deadline = time.monotonic() + self.t.timeout
-            self.conn.send(line + b"\r\n")
-            first = self.conn.readline(deadline)
-            ok = first.startswith(b"+OK")
-            if not ok and not first.startswith(b"-ERR"):
-                raise self.out.fail(ConnectionLost.exit_code, f"{step}: unexpected answer {self.text(first, 80)!r}",
-                                    "the server does not speak POP3 properly", "check the port; ask the server admin")
-            body: list[bytes] = []
-            if ok and multiline:
-                while True:
-                    got = self.conn.readline(deadline)
-                    if got == b".":
-                        break
-                    body.append(got[1:] if got.startswith(b"..") else got)
-            return ok, self.text(first.partition(b" ")[2]), body
-        except (_Garbage, *_LOST) as exc:
-            raise self.lost(step, exc) from None
+    def refused(self, step: str, exc: poplib.error_proto) -> _Fail:
+        text = _exc_text(exc)
+        if text == "-ERR EOF":   # poplib's word for a connection the server closed
+            return self.lost(step, EOFError("the server closed the connection"))
+        return self.out.fail(ConnectionLost.exit_code, f"{step} answered {self.text(text)}",
+                             "the server does not speak POP3 properly", "check the port; ask the server admin")
 
     def capabilities(self) -> None:
-        ok, text, body = self.command("capabilities", b"CAPA", multiline=True)
-        if not ok:
-            self.out.warn(f"the server does not answer CAPA ({text}): cannot tell whether it has UIDL")
+        self.deadline.start()
+        try:   # poplib reads the greeting again; then CAPA
+            self.client = login.pop3_attach(self.acc, self.conn.sock, self.conn.pending(self.greeted),
+                                            self.deadline)
+            self.caps = login.pop3_capabilities(self.acc, self.client)
+        except (ConnectError, ConnectionLost) as exc:
+            raise self.lost("capabilities", _underlying(exc)) from None
+        except _LOST as exc:
+            raise self.lost("capabilities", exc) from None
+        except poplib.error_proto as exc:
+            raise self.refused("capabilities", exc) from None
+        if not self.caps.listed:
+            self.out.warn("the server does not answer CAPA: cannot tell whether it has UIDL")
             return
-        self.caps = [b.decode("ascii", "replace").strip() for b in body if b.strip()]
         self.show_caps("capabilities", before_login=False)
 
     def login(self, username: str, password: str) -> None:
-        code = AuthError.exit_code
-        if any(c in username + password for c in "\r\n\0"):
-            raise self.out.fail(ConfigError.exit_code, "login: the username or password contains a line break",
-                                "a copy-and-paste error", "remove the line break")
         self.secret = password
-        ok, text, _ = self.command("login", b"USER " + username.encode("utf-8"))
-        if ok:
-            ok, text, _ = self.command("login", b"PASS " + password.encode("utf-8"))
-        if not ok:
-            raise self.out.fail(code, f"login as {username} at {self.t.where} failed: -ERR {text}",
-                                "wrong username or password, or POP3 access disabled at the provider "
-                                "(some need an app password or POP enabled in settings)",
-                                "check username and password with a mail client or webmail, create an app "
-                                "password, enable POP3 in the provider's settings")
-        self.out.ok(f"login as {username}: {text}")
-        ok, text, _ = self.command("login", b"STAT")
-        if ok:
-            parts = text.split()
-            if len(parts) >= 2 and parts[0].isdigit() and parts[1].isdigit():
-                self.out.info(f"mailbox: {parts[0]} messages, {int(parts[1]):,} bytes")
+        self.deadline.start()
+        try:
+            done = login.pop3_authenticate(self.acc, self.client, self.caps, login.authenticator(self.acc, password))
+        except MailsyncError as exc:
+            raise self.login_failed(exc, username,
+                                    "wrong username or password, or POP3 access disabled at the provider "
+                                    "(some need an app password or POP enabled in settings)",
+                                    "check username and password with a mail client or webmail, create an app "
+                                    "password, enable POP3 in the provider's settings") from None
+        self.out.ok(f"login as {username} ({done.mechanism}): {self.text(done.said)}")
+        self.deadline.start()
+        try:
+            count, size = self.client.stat()
+            self.out.info(f"mailbox: {count} messages, {size:,} bytes")
+        except (poplib.error_proto, ValueError, IndexError):
+            pass
+        except _LOST as exc:
+            raise self.lost("login", exc) from None
 
     def latency(self, logged_in: bool) -> None:
         # NOOP exists only after login (TRANSACTION state); before it, CAPA is the cheapest round trip
-        cmd, multi = (b"NOOP", False) if logged_in else (b"CAPA", True)
+        cmd = "NOOP" if logged_in else "CAPA"
         times = []
         for _ in range(NOOPS):
             start = time.perf_counter()
-            ok, text, _ = self.command("latency", cmd, multiline=multi)
+            self.deadline.start()
+            try:
+                if logged_in:
+                    self.client.noop()
+                else:
+                    self.client._longcmd("CAPA")
+            except poplib.error_proto as exc:
+                raise self.refused(f"latency: {cmd}", exc) from None
+            except _LOST as exc:
+                raise self.lost("latency", exc) from None
             times.append(time.perf_counter() - start)
-            if not ok:
-                raise self.out.fail(ConnectionLost.exit_code, f"latency: {cmd.decode()} answered -ERR {text}",
-                                    "the server does not speak POP3 properly", "ask the server admin")
-        _show_latency(self.out, cmd.decode(), times)
+        _show_latency(self.out, cmd, times)
 
     def logout(self) -> None:
-        ok, text, _ = self.command("logout", b"QUIT")
-        if ok:
-            self.out.ok("logout")
-        else:
-            self.out.warn(f"QUIT answered -ERR {text}")
+        self.deadline.start()
+        try:
+            self.client.quit()
+        except poplib.error_proto as exc:
+            self.out.warn(f"QUIT answered {self.text(_exc_text(exc))}")
+            return
+        except _LOST as exc:
+            raise self.lost("logout", exc) from None
+        self.out.ok("logout")
 
 
 def _show_latency(out: _Out, cmd: str, times: list[float]) -> None:

@@ -137,7 +137,7 @@ class _Bars:
             self.msgs.write(f"{_show(data['folder'])}: {_show(data['error'])}; retrying in {data['delay']} s")
         elif event == "folder_done":
             f = data["result"]
-            if f.error:
+            if f.failed:
                 self.msgs.write(f"{_show(f.name)}: failed: {_show(f.error)}")
             elif f.new or f.refetched or f.flags_changed or f.gone:
                 self.msgs.write(f"{_show(f.name)}: {f.new + f.refetched} new ({_human(f.bytes)}), "
@@ -250,14 +250,6 @@ def _sync_account(cfg, account: str, mode, dry_run, force, quiet, as_json, debug
         return 1, None
 
     failed = result.failed
-    code = 0
-    if failed:
-        if all(getattr(f, "_lost", False) for f in failed):
-            code = ConnectionLost.exit_code
-        elif all(getattr(f, "_safety", False) for f in failed):
-            code = SafetyAbort.exit_code
-        else:
-            code = PartialFailure.exit_code
     if dry_run and not as_json:
         typer.echo(_dry_run_text(result))
     for f in result.folders:
@@ -272,7 +264,7 @@ def _sync_account(cfg, account: str, mode, dry_run, force, quiet, as_json, debug
     if failed and not as_json:
         typer.echo(f"mailsync: {prefix}{len(failed)} of {len(result.folders)} folders failed; "
                    "everything else was saved, run again to retry", err=True)
-    return code, _summary(result, code)
+    return result.exit_code, result.to_json()
 
 
 class _Errors:
@@ -410,10 +402,8 @@ def _transfer_out(report, as_json: bool, quiet: bool) -> None:
             typer.echo(f"mailsync: error: {_show(f.name)}: {_show(e)}", err=True)
     if not as_json and not quiet:
         typer.echo(report.line())
-    bad = [f for f in report.folders if f.errors or f.failed]
-    if bad:
-        guard_only = all(f.guarded and not f.failed and len(f.errors) == 1 for f in bad)
-        raise typer.Exit(SafetyAbort.exit_code if guard_only else PartialFailure.exit_code)
+    if report.exit_code:
+        raise typer.Exit(report.exit_code)
 
 
 @app.command()
@@ -476,17 +466,12 @@ def restore(
     _transfer_out(report, as_json, quiet)
 
 
-def _gone(f) -> int:
-    """Expunged on the server, not counting messages the server only gave new UIDs."""
-    return max(0, f.gone - f.renumbered)
-
-
 def _line(r) -> str:
     fs = r.folders
     new = sum(f.new for f in fs)
     parts = [f"{r.account}: {len(fs)} folders", f"{new} new ({_human(sum(f.bytes for f in fs))})",
              f"{sum(f.flags_changed for f in fs)} flags changed",
-             f"{sum(_gone(f) for f in fs)} gone from server"]
+             f"{sum(f.gone_from_server for f in fs)} gone from server"]
     if any(f.uploaded or f.flags_pushed or f.deleted_local or f.deleted_remote for f in fs):
         parts.append(f"{sum(f.uploaded for f in fs)} uploaded, {sum(f.flags_pushed for f in fs)} flags pushed, "
                      f"{sum(f.deleted_local for f in fs)} deleted locally, "
@@ -509,7 +494,7 @@ def _dry_run_text(r) -> str:
         lines.append(f"  create folder on server: {_show(name)}")
     for f in r.folders:
         p = f.plan
-        if f.error:
+        if f.failed:
             lines.append(f"  {_show(f.name)}: {_show(f.error)}")
         if p is None or getattr(p, "empty", True):
             continue
@@ -533,39 +518,6 @@ def _dry_run_text(r) -> str:
 def _short(items) -> str:
     shown = ", ".join(str(i) for i in list(items)[:8])
     return shown + (" ..." if len(items) > 8 else "")
-
-
-def _summary(r, code: int) -> dict:
-    return {
-        "account": r.account,
-        "exit_code": code,
-        "seconds": round(r.seconds, 3),
-        "folders": [
-            {"name": f.name, "new": f.new, "restored": f.refetched, "flags_changed": f.flags_changed,
-             "gone_from_server": _gone(f), "rematched": f.rebound, "renumbered": f.renumbered, "bytes": f.bytes,
-             "seconds": round(f.seconds, 3), "skipped_unchanged": f.skipped, "notices": f.notices,
-             "uploaded": f.uploaded, "flags_pushed": f.flags_pushed, "deleted_local": f.deleted_local,
-             "deleted_remote": f.deleted_remote, "conflicts": f.conflicts,
-             "skipped_too_big": getattr(f, "skipped_too_big", 0),
-             "errors": [f.error] if f.error else []}
-            for f in r.folders
-        ],
-        "totals": {
-            "new": sum(f.new for f in r.folders),
-            "restored": sum(f.refetched for f in r.folders),
-            "flags_changed": sum(f.flags_changed for f in r.folders),
-            "gone_from_server": sum(_gone(f) for f in r.folders),
-            "renumbered": sum(f.renumbered for f in r.folders),
-            "bytes": sum(f.bytes for f in r.folders),
-            "failed_folders": sum(1 for f in r.folders if f.error),
-            "uploaded": sum(f.uploaded for f in r.folders),
-            "flags_pushed": sum(f.flags_pushed for f in r.folders),
-            "deleted_local": sum(f.deleted_local for f in r.folders),
-            "deleted_remote": sum(f.deleted_remote for f in r.folders),
-            "conflicts": sum(len(f.conflicts) for f in r.folders),
-        },
-        "created_on_server": r.created,
-    }
 
 
 def main() -> None:

@@ -64,7 +64,7 @@ def compare(imap_acc: Account, pop_acc: Account, imap_pw: str, pop_pw: str, *, k
         pop3.download(pa, pop_pw)
         pop_again = time.monotonic() - t
         for r in (r1, r2, p1):
-            bad = [f for f in r.folders if f.error]
+            bad = r.failed
             if bad:
                 raise PartialFailure(f"compare: {r.account}: {bad[0].name}: {bad[0].error}")
 

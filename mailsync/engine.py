@@ -17,14 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mailsync.config import Account
-from mailsync.errors import ConnectionLost, MailsyncError, ServerError, StorageError
+from mailsync.errors import (ConnectionLost, MailsyncError, PartialFailure, SafetyAbort, ServerError,
+                             SessionError, StorageError)
 from mailsync.folders import map_paths, selected
-from mailsync.errors import SafetyAbort
 from mailsync.folderjob import FolderJob, Options, Stopped
 from mailsync.imap import FolderInfo, ImapSession
 from mailsync.localfolders import local_folders
 from mailsync.maildir import make_dirs
-from mailsync.model import FolderResult
+from mailsync.model import FolderResult, Outcome
 from mailsync.state import RunLock, State
 
 log = logging.getLogger("mailsync.engine")
@@ -38,6 +38,9 @@ def _quiet(event: str, data: dict) -> None:
 
 @dataclass
 class RunResult:
+    """One account's run (engine.run, pop3.download): a FolderResult per folder. The exit code
+    and the `--json` summary are derived from it here; cli.py only prints them."""
+
     account: str
     folders: list[FolderResult] = field(default_factory=list)
     seconds: float = 0.0
@@ -46,7 +49,55 @@ class RunResult:
 
     @property
     def failed(self) -> list[FolderResult]:
-        return [f for f in self.folders if f.error]
+        return [f for f in self.folders if f.failed]
+
+    @property
+    def exit_code(self) -> int:
+        """0 when no folder failed; 6 when every failed folder lost its connection, 10 when the
+        deletion guard stopped every one of them, else 9 (docs/exit-codes.md)."""
+        failed = self.failed
+        if not failed:
+            return 0
+        if all(f.outcome is Outcome.LOST for f in failed):
+            return ConnectionLost.exit_code
+        if all(f.outcome is Outcome.GUARDED for f in failed):
+            return SafetyAbort.exit_code
+        return PartialFailure.exit_code
+
+    def to_json(self) -> dict:
+        """The `mailsync sync --json` document of this account (docs/commands.md)."""
+        fs = self.folders
+        return {
+            "account": self.account,
+            "exit_code": self.exit_code,
+            "seconds": round(self.seconds, 3),
+            "folders": [_folder_json(f) for f in fs],
+            "totals": {
+                "new": sum(f.new for f in fs),
+                "restored": sum(f.refetched for f in fs),
+                "flags_changed": sum(f.flags_changed for f in fs),
+                "gone_from_server": sum(f.gone_from_server for f in fs),
+                "renumbered": sum(f.renumbered for f in fs),
+                "bytes": sum(f.bytes for f in fs),
+                "failed_folders": sum(1 for f in fs if f.failed),
+                "uploaded": sum(f.uploaded for f in fs),
+                "flags_pushed": sum(f.flags_pushed for f in fs),
+                "deleted_local": sum(f.deleted_local for f in fs),
+                "deleted_remote": sum(f.deleted_remote for f in fs),
+                "conflicts": sum(len(f.conflicts) for f in fs),
+            },
+            "created_on_server": list(self.created),
+        }
+
+
+def _folder_json(f: FolderResult) -> dict:
+    return {"name": f.name, "new": f.new, "restored": f.refetched, "flags_changed": f.flags_changed,
+            "gone_from_server": f.gone_from_server, "rematched": f.rebound, "renumbered": f.renumbered,
+            "bytes": f.bytes, "seconds": round(f.seconds, 3), "skipped_unchanged": f.skipped,
+            "notices": list(f.notices), "uploaded": f.uploaded, "flags_pushed": f.flags_pushed,
+            "deleted_local": f.deleted_local, "deleted_remote": f.deleted_remote,
+            "conflicts": list(f.conflicts), "skipped_too_big": f.skipped_too_big,
+            "errors": [f.error] if f.failed else []}
 
 
 class _Pool:
@@ -186,9 +237,8 @@ def _run(acc: Account, state: State, pool: _Pool, session: ImapSession, result: 
         _join(ex)
     by_name = {r.name: r for r in skipped + results}
     result.folders.extend(by_name[n] for n in order if n in by_name)
-    fatal = next((r for r in results if isinstance(getattr(r, "_fatal", None), StorageError)), None)
-    if fatal is not None:
-        raise fatal._fatal  # type: ignore[attr-defined]
+    if runner.fatal is not None:
+        raise runner.fatal
 
 
 def _join(ex: ThreadPoolExecutor) -> None:
@@ -223,7 +273,7 @@ def _skip_unchanged(acc: Account, state: State, session: ImapSession, work: list
         except (MailsyncError, OSError, sqlite3.Error):
             return skipped, left + work[i:]  # the folder workers deal with it (and report it)
         if quick:
-            res.skipped = True
+            res.outcome = Outcome.SKIPPED
             skipped.append(res)
             progress("folder_done", {"result": res})
         else:
@@ -238,6 +288,14 @@ class _FolderRunner:
         self.mode, self.opts = mode, opts
         self.stop = threading.Event()  # set on a storage error (no point going on) or on Ctrl-C
         self.interrupted = False       # Ctrl-C
+        self.fatal: StorageError | None = None  # the first storage error: the run raises it
+        self._lock = threading.Lock()
+
+    def _storage_failed(self, exc: StorageError) -> None:
+        self.stop.set()
+        with self._lock:
+            if self.fatal is None:
+                self.fatal = exc
 
     def __call__(self, info: FolderInfo, path: Path) -> FolderResult:
         res = FolderResult(name=info.name)
@@ -245,15 +303,18 @@ class _FolderRunner:
         attempt = 0
         while True:
             if self.stop.is_set():
-                res.error = "interrupted" if self.interrupted else "skipped after a local storage error"
+                if self.interrupted:
+                    res.fail(Outcome.INTERRUPTED, "interrupted")
+                else:
+                    res.fail(Outcome.FAILED, "skipped after a local storage error")
                 break
             try:
                 session = self.pool.take()
-            except ConnectionLost as exc:
+            except SessionError as exc:  # no session could be opened: lost or refused, retried
                 session = None
-                err: MailsyncError = exc
+                err: SessionError = exc
             except MailsyncError as exc:
-                res.error = str(exc)
+                res.fail(Outcome.FAILED, str(exc))
                 break
             else:
                 try:
@@ -264,41 +325,37 @@ class _FolderRunner:
                     break
                 except SafetyAbort as exc:
                     self.pool.give(session)
-                    res.error = str(exc)
-                    res._safety = True  # type: ignore[attr-defined]
+                    res.fail(Outcome.GUARDED, str(exc))
                     break
                 except Stopped:
                     self.pool.give(session)
-                    res.error = "interrupted"
+                    res.fail(Outcome.INTERRUPTED, "interrupted")
                     break
-                except ServerError as exc:
+                except ServerError as exc:  # a refused command: retrying will not help
                     self.pool.give(session)
-                    res.error = str(exc)
+                    res.fail(Outcome.REFUSED, str(exc))
                     break
                 except ConnectionLost as exc:
                     self.pool.drop(session)
                     err = exc
                 except StorageError as exc:
                     self.pool.give(session)
-                    self.stop.set()
-                    res.error = str(exc)
-                    res._fatal = exc  # type: ignore[attr-defined]
+                    self._storage_failed(exc)
+                    res.fail(Outcome.FAILED, str(exc))
                     break
                 except sqlite3.Error as exc:  # the state file itself (disk full, damaged)
                     self.pool.give(session)
-                    self.stop.set()
-                    err = StorageError(f"cannot use the state file: {exc}", hint="free disk space or check the disk")
-                    res.error = str(err)
-                    res._fatal = err  # type: ignore[attr-defined]
+                    fatal = StorageError(f"cannot use the state file: {exc}", hint="free disk space or check the disk")
+                    self._storage_failed(fatal)
+                    res.fail(Outcome.FAILED, str(fatal))
                     break
                 except OSError as exc:  # e.g. a folder name too long for the file system
                     self.pool.give(session)
-                    res.error = f"{exc.strerror or exc}: {exc.filename or path}"
+                    res.fail(Outcome.FAILED, f"{exc.strerror or exc}: {exc.filename or path}")
                     break
             attempt += 1
             if attempt > self.acc.retries:
-                res.error = str(err)
-                res._lost = True  # type: ignore[attr-defined]
+                res.fail(Outcome.LOST if isinstance(err, ConnectionLost) else Outcome.REFUSED, str(err))
                 break
             delay = min(2 ** (attempt - 1), 30)
             log.info("%s: %s; retrying in %ss", info.name, err, delay)

@@ -13,6 +13,28 @@ Exit codes (documented in docs/exit-codes.md):
   9  some folders failed, the others were synced
   10 the deletion guard stopped a folder (run with --force if the deletions are right)
   11 verify: the backup is incomplete or damaged (the report names each message)
+
+The tree (exit code of an error that stops the whole run in brackets):
+
+  MailsyncError [1]
+  ├── ConfigError [2]
+  ├── AuthError [3]
+  ├── TLSError [4]
+  ├── ConnectError [5]
+  ├── SessionError [6]          the server failed us after the run had started
+  │   ├── ConnectionLost        hung up, timed out, reply cut short: retried, then "lost"
+  │   └── ServerError           refused a command (NO/BAD): never retried, the folder fails
+  │       └── fetch.ProtocolError   a reply we cannot read (the connection is out of step)
+  ├── LockedError [7]
+  ├── StorageError [8]
+  ├── PartialFailure [9]        (only its exit code is used)
+  ├── SafetyAbort [10]          the deletion guard stopped one folder
+  └── verify.BackupIncomplete [11]
+
+ConnectionLost and ServerError are siblings: neither catches the other, so an except chain may
+list them in any order. Catch SessionError only where both really are handled alike (both end a
+whole run with 6). Inside a run a folder's failure is not raised on but recorded as its
+`model.Outcome` (LOST, REFUSED, GUARDED, ...), from which `engine.RunResult.exit_code` is derived.
 """
 
 from __future__ import annotations
@@ -46,14 +68,20 @@ class ConnectError(MailsyncError):
     exit_code = 5
 
 
-class ConnectionLost(MailsyncError):
-    """The server hung up, timed out or answered something we cannot use, mid-run."""
+class SessionError(MailsyncError):
+    """The server failed us after the run had started: the connection was lost (ConnectionLost)
+    or a command was refused (ServerError). Either one stopping the whole run exits with 6."""
 
     exit_code = 6
 
 
-class ServerError(ConnectionLost):
-    """The server refused a command (NO/BAD) for one folder."""
+class ConnectionLost(SessionError):
+    """The server hung up, timed out or cut a reply short, mid-run: worth retrying."""
+
+
+class ServerError(SessionError):
+    """The server refused a command (NO/BAD), or answered what we cannot read (ProtocolError):
+    not a lost connection, and retrying will not help."""
 
 
 class LockedError(MailsyncError):

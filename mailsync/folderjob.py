@@ -338,7 +338,7 @@ class FolderJob:
         big = [u for u in fetch if self.new_full.get(u, (0,))[0] > limit]
         if big:
             self.too_big = big
-            self.res.skipped_too_big = len(big)  # type: ignore[attr-defined]
+            self.res.skipped_too_big = len(big)
             self.res.notices.append(f"{len(big)} messages larger than max_message_size ({limit} bytes) were not "
                                     "downloaded; raise max_message_size to get them")
         return [u for u in fetch if u not in set(big)]

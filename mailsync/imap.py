@@ -1,4 +1,5 @@
-"""The IMAP side (read-only for backups): TLS, login, folders, counters, flags, message bodies.
+"""The IMAP side (read-only for backups): folders, counters, flags, message bodies; a session
+logs in through login.py (TLS, pin, capabilities, authentication).
 
 Lower-level errors (socket, ssl, imaplib) are translated here into mailsync errors.
 """
@@ -6,23 +7,28 @@ Lower-level errors (socket, ssl, imaplib) are translated here into mailsync erro
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import imaplib
 import logging
 import re
-import socket
-import ssl
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 
-from imapclient import IMAPClient
 from imapclient import exceptions as imapx
 from imapclient.response_parser import parse_fetch_response
 
-from mailsync import fetch, utf7
+from mailsync import fetch, login, utf7
 from mailsync.config import Account
-from mailsync.errors import AuthError, ConnectError, ConnectionLost, MailsyncError, ServerError, TLSError
+from mailsync.errors import ConnectionLost, ServerError
+
+# moved to login.py; still importable from here
+from mailsync.login import (  # noqa: F401
+    connect_errors,
+    fingerprint_hex,
+    peer_fingerprint,
+    pretty_fingerprint,
+    tls_context,
+)
 from mailsync.model import normalise_flags
 
 log = logging.getLogger("mailsync.imap")
@@ -33,87 +39,6 @@ logging.getLogger("imapclient").addHandler(logging.NullHandler())
 
 BODY_ITEMS = [b"BODY.PEEK[]", b"FLAGS", b"INTERNALDATE"]
 BODY_ANSWER = frozenset({b"UID", b"BODY[]", b"FLAGS", b"INTERNALDATE"})  # what a body answer must carry
-
-
-def fingerprint_hex(der: bytes) -> str:
-    return hashlib.sha256(der).hexdigest().upper()
-
-
-def pretty_fingerprint(hexfp: str) -> str:
-    return ":".join(hexfp[i:i + 2] for i in range(0, len(hexfp), 2))
-
-
-def tls_context(acc: Account) -> ssl.SSLContext:
-    if acc.ca_file is not None:
-        try:
-            ctx = ssl.create_default_context(cafile=str(acc.ca_file))
-        except (OSError, ssl.SSLError) as exc:
-            from mailsync.errors import ConfigError
-            raise ConfigError(f"[accounts.{acc.name}] ca_file {acc.ca_file}: cannot load: {exc}") from None
-    else:
-        ctx = ssl.create_default_context()
-    if acc.fingerprint and acc.ca_file is None:
-        # a pin replaces the CA check (self-signed servers); the pin is checked after the handshake
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    return ctx
-
-
-def peer_fingerprint(host: str, port: int, timeout: float) -> str | None:
-    """The SHA-256 fingerprint of whatever certificate the server shows (for error messages)."""
-    try:
-        ctx = ssl.create_default_context()
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-        with socket.create_connection((host, port), timeout=min(timeout, 10)) as raw:
-            with ctx.wrap_socket(raw, server_hostname=host) as s:
-                der = s.getpeercert(binary_form=True)
-        return fingerprint_hex(der) if der else None
-    except (OSError, ssl.SSLError):
-        return None
-
-
-def connect_errors(acc: Account, exc: BaseException) -> MailsyncError:
-    """Translate an exception raised while connecting to acc into a one-line mailsync error."""
-    where = f"{acc.host}:{acc.port}"
-    if isinstance(exc, MailsyncError):
-        return exc
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        fp = peer_fingerprint(acc.host, acc.port, acc.timeout)
-        why = exc.verify_message or str(exc)
-        shown = f"SHA-256 {pretty_fingerprint(fp)}" if fp else "fingerprint unavailable"
-        pin = f'fingerprint = "sha256:{pretty_fingerprint(fp)}"' if fp else "fingerprint = \"sha256:...\""
-        return TLSError(f"certificate of {where} not accepted ({why}); {shown}",
-                        hint=f"if you trust it, add {pin} to [accounts.{acc.name}], or set ca_file")
-    if isinstance(exc, ssl.SSLEOFError) or "UNEXPECTED_EOF" in str(exc):
-        return ConnectError(f"{where} closed the connection during the TLS handshake",
-                            hint="the server may be overloaded or limiting connections; try again later")
-    if isinstance(exc, ssl.SSLError):
-        reason = getattr(exc, "reason", None) or str(exc)
-        hint = "is this a plaintext port? IMAPS is usually 993, POP3S 995"
-        if "VERSION" in str(reason).upper() and "WRONG" not in str(reason).upper():
-            hint = "the server offers only TLS older than 1.2"
-        return TLSError(f"TLS handshake with {where} failed ({reason})", hint=hint)
-    if isinstance(exc, socket.gaierror):
-        return ConnectError(f"cannot resolve host '{acc.host}'", hint="check host in the config and your DNS")
-    usual = "POP3S is usually 995" if acc.protocol == "pop3" else "IMAPS is usually 993"
-    if isinstance(exc, ConnectionRefusedError):
-        return ConnectError(f"connection to {where} refused",
-                            hint=f"check host and port ({usual}) and that the server runs")
-    if isinstance(exc, (socket.timeout, TimeoutError)):
-        return ConnectError(f"connection to {where} timed out after {acc.timeout:g} s",
-                            hint="check host, port and firewall; raise timeout for slow servers")
-    if isinstance(exc, OSError):
-        return ConnectError(f"cannot connect to {where}: {exc.strerror or exc}",
-                            hint="check host, port and your network")
-    if isinstance(exc, imaplib.IMAP4.error) and not isinstance(exc, imaplib.IMAP4.abort):
-        return ConnectError(f"{where} did not greet like an IMAP server",
-                            hint=f"is this the right port? {usual} (the POP3S port answers with +OK)")
-    if isinstance(exc, (imaplib.IMAP4.abort, EOFError)):
-        return ConnectionLost(f"{where} closed the connection: {exc}",
-                              hint=f"is this the right port? {usual}")
-    return ConnectError(f"cannot connect to {where}: {exc}")
 
 
 @dataclass
@@ -131,54 +56,16 @@ class FolderInfo:
 class ImapSession:
     """One logged-in connection."""
 
-    def __init__(self, acc: Account, password: str) -> None:
+    def __init__(self, acc: Account, secret: str) -> None:
         self.acc = acc
         self.where = f"{acc.host}:{acc.port}"
         self.broken = False  # a reply could not be read: the connection is out of step
-        try:
-            self.client = IMAPClient(acc.host, port=acc.port, ssl=not acc.starttls, ssl_context=tls_context(acc),
-                                     timeout=acc.timeout)
-            if acc.starttls:
-                # STARTTLS is required: a server that does not offer it is refused, never used in plaintext
-                if b"STARTTLS" not in {c.upper() for c in self.client.capabilities()}:
-                    self.client.shutdown()
-                    raise TLSError(f"{self.where} does not offer STARTTLS; refusing to log in without TLS",
-                                   hint="use the server's implicit-TLS port (993) without starttls, or ask the "
-                                        "provider to enable TLS")
-                self.client.starttls(ssl_context=tls_context(acc))
-                self.client._cached_capabilities = None  # ask again after TLS (RFC 3501 6.2.1)
-        except BaseException as exc:  # noqa: BLE001 - translated below
-            if isinstance(exc, KeyboardInterrupt):
-                raise
-            raise connect_errors(acc, exc) from None
+        # TLS or STARTTLS, pin, CAPABILITY, authentication, CAPABILITY again: login.py
+        logged = login.log_in(acc, secret, protocol="imap")
+        self.client = logged.client
         self.client.normalise_times = False
+        self.caps = set(logged.caps.names)
         try:
-            if acc.fingerprint:
-                der = self.client.socket().getpeercert(binary_form=True)
-                got = fingerprint_hex(der)
-                if got != acc.fingerprint:
-                    raise TLSError(f"certificate of {self.where} does not match the pinned fingerprint; "
-                                   f"server shows SHA-256 {pretty_fingerprint(got)}",
-                                   hint="if the server's certificate was renewed, update fingerprint")
-            try:
-                if password.isascii():
-                    self.client.login(acc.username, password)
-                else:  # imaplib sends LOGIN as ASCII: use AUTHENTICATE PLAIN (UTF-8) instead
-                    self.client.plain_login(acc.username, password)
-            except UnicodeError:
-                raise AuthError(f"login as {acc.username} at {self.where} failed: the password is not "
-                                "ASCII and the server does not take it",
-                                hint="check the password; the server must offer AUTH=PLAIN") from None
-            except imapx.LoginError as exc:
-                aborted = isinstance(exc.__context__, imaplib.IMAP4.abort)
-                exc = imapx.LoginError(_text(exc).replace(password, "********")) if password else exc
-                if aborted:
-                    raise ConnectionLost(f"{self.where} closed the connection during login: {_text(exc)}",
-                                         hint="run again; if it persists the server may limit connections") from None
-                raise AuthError(f"login as {acc.username} at {self.where} failed: {_text(exc)}",
-                                hint="check username and password (an app password may be needed)") from None
-            self.caps = {c.decode().upper() if isinstance(c, bytes) else c.upper()
-                         for c in self.client.capabilities()}
             self.condstore = "CONDSTORE" in self.caps or "QRESYNC" in self.caps
             self.qresync = "QRESYNC" in self.caps and "ENABLE" in self.caps
             if self.qresync:
@@ -187,11 +74,7 @@ class ImapSession:
                 self._call(self.client.enable, "CONDSTORE")
         except (OSError, EOFError, imaplib.IMAP4.abort) as exc:
             self.close()
-            if isinstance(exc, (socket.timeout, TimeoutError)):
-                raise ConnectError(f"{self.where} did not answer within {acc.timeout:g} s",
-                                   hint="check the server, or raise timeout for slow servers") from None
-            raise ConnectionLost(f"connection to {self.where} lost during login: {_text(exc)}",
-                                 hint="run again; check port and server") from None
+            raise login.lost_during_login(acc, exc) from None
         except BaseException:
             self.close()
             raise
@@ -335,12 +218,7 @@ class ImapSession:
         broken so the pool drops it instead of reusing it."""
         try:
             return self._call(fn, *args)
-        except fetch.ProtocolError:
-            self.broken = True
-            raise
-        except ServerError:
-            raise
-        except ConnectionLost:
+        except (fetch.ProtocolError, ConnectionLost):  # (a plain NO/BAD leaves it in step)
             self.broken = True
             raise
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import functools
 from dataclasses import dataclass, field
 
@@ -132,8 +133,27 @@ class BackupPlan:
         return not (self.fetch or self.refetch or self.set_flags or self.gone or self.back)
 
 
+class Outcome(enum.Enum):
+    """How one folder of a run ended. Every outcome but OK and SKIPPED is a failure, and comes
+    with the folder's error message (FolderResult.error)."""
+
+    OK = "ok"                    # done (possibly with notices or conflicts)
+    SKIPPED = "skipped"          # unchanged on both sides, nothing to do (or not ours to create)
+    LOST = "lost"                # the connection was lost, `retries` times in a row (ConnectionLost)
+    REFUSED = "refused"          # the server refused a command or sent what we cannot read (ServerError)
+    GUARDED = "guarded"          # the deletion guard stopped it; nothing was changed (SafetyAbort)
+    FAILED = "failed"            # anything else: a name collision, a local error, a storage error...
+    INTERRUPTED = "interrupted"  # Ctrl-C, or stopped after another folder's storage error
+
+    @property
+    def failed(self) -> bool:
+        return self not in (Outcome.OK, Outcome.SKIPPED)
+
+
 @dataclass
 class FolderResult:
+    """What a run did in one folder: its outcome and counters (engine.RunResult holds them all)."""
+
     name: str
     new: int = 0
     refetched: int = 0
@@ -143,9 +163,10 @@ class FolderResult:
     renumbered: int = 0       # of rebound: mail we held under an old UID, bound to its new one
     bytes: int = 0
     seconds: float = 0.0
-    skipped: bool = False
+    skipped_too_big: int = 0  # POP3 and backup: larger than max_message_size, not downloaded
     notices: list[str] = field(default_factory=list)
-    error: str = ""
+    error: str = ""           # set with a failed outcome (fail()), empty otherwise
+    outcome: Outcome = Outcome.OK
     # two-way sync
     uploaded: int = 0
     flags_pushed: int = 0
@@ -153,6 +174,42 @@ class FolderResult:
     deleted_remote: int = 0
     conflicts: list[str] = field(default_factory=list)
     plan: object = None
+
+    def __post_init__(self) -> None:
+        if self.error and not self.outcome.failed:  # FolderResult(name=..., error=...)
+            self.outcome = Outcome.FAILED
+
+    def fail(self, outcome: Outcome, error: str) -> None:
+        """Record the folder's failure: how (outcome) and the message shown for it."""
+        assert outcome.failed, outcome
+        self.outcome, self.error = outcome, error or outcome.value
+
+    def succeed(self) -> None:
+        """Clear a failure recorded by an earlier attempt (a retry went through)."""
+        if self.outcome.failed:
+            self.outcome = Outcome.OK
+        self.error = ""
+
+    @property
+    def failed(self) -> bool:
+        return self.outcome.failed
+
+    @property
+    def skipped(self) -> bool:
+        """Nothing to do in this folder (`skipped_unchanged` in --json)."""
+        return self.outcome is Outcome.SKIPPED
+
+    @skipped.setter
+    def skipped(self, value: bool) -> None:
+        if value:
+            self.outcome = Outcome.SKIPPED
+        elif self.outcome is Outcome.SKIPPED:
+            self.outcome = Outcome.OK
+
+    @property
+    def gone_from_server(self) -> int:
+        """Expunged on the server, not counting messages the server only gave new UIDs."""
+        return max(0, self.gone - self.renumbered)
 
 
 @dataclass(frozen=True)

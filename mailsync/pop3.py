@@ -14,14 +14,14 @@ import threading
 import time
 from collections.abc import Callable
 
-from mailsync import crashpoint
+from mailsync import crashpoint, login
 from mailsync.config import Account
 from mailsync.engine import RunResult
-from mailsync.errors import AuthError, ConnectError, ConnectionLost, ServerError, TLSError
+from mailsync.errors import ConnectionLost, ServerError
 from mailsync.identity import Identity, content_sha256, may_differ
-from mailsync.imap import connect_errors, fingerprint_hex, message_id, pretty_fingerprint, tls_context
+from mailsync.imap import message_id
 from mailsync.maildir import MaildirFolder, make_dirs
-from mailsync.model import FolderResult
+from mailsync.model import FolderResult, Outcome
 from mailsync.plan import batches
 from mailsync.state import RunLock, State
 
@@ -30,53 +30,13 @@ MAX_LINE = 64 * 1024 * 1024  # a single line longer than this is refused as host
 
 
 class Pop3Session:
-    def __init__(self, acc: Account, password: str) -> None:
+    def __init__(self, acc: Account, secret: str) -> None:
         self.acc = acc
         self.where = f"{acc.host}:{acc.port}"
-        try:
-            if acc.starttls:
-                self.pop = poplib.POP3(acc.host, acc.port, timeout=acc.timeout)
-                try:
-                    caps = self.pop.capa()
-                except poplib.error_proto:
-                    caps = {}
-                if "STLS" not in caps:
-                    with contextlib.suppress(Exception):
-                        self.pop.sock.close()
-                    raise TLSError(f"{self.where} does not offer STLS; refusing to log in without TLS",
-                                   hint="use the server's implicit-TLS port (995) without starttls, or ask the "
-                                        "provider to enable TLS")
-                self.pop.stls(context=tls_context(acc))
-            else:
-                self.pop = poplib.POP3_SSL(acc.host, acc.port, context=tls_context(acc), timeout=acc.timeout)
-        except BaseException as exc:  # noqa: BLE001 - translated
-            if isinstance(exc, KeyboardInterrupt):
-                raise
-            if isinstance(exc, poplib.error_proto):
-                exc = ConnectError(f"{self.where} did not greet like a POP3 server: {_text(exc)}",
-                                   hint="is this a POP3S port? POP3S is usually 995 (the IMAPS port answers * OK)")
-            raise connect_errors(acc, exc) from None
-        try:
-            if acc.fingerprint:
-                got = fingerprint_hex(self.pop.sock.getpeercert(binary_form=True))
-                if got != acc.fingerprint:
-                    raise TLSError(f"certificate of {self.where} does not match the pinned fingerprint; "
-                                   f"server shows SHA-256 {pretty_fingerprint(got)}",
-                                   hint="if the server's certificate was renewed, update fingerprint")
-            try:
-                self.pop.user(acc.username)
-                self.pop.pass_(password)
-            except poplib.error_proto as exc:
-                said = _text(exc).replace(password, "********") if password else _text(exc)
-                raise AuthError(f"login as {acc.username} at {self.where} failed: {said}",
-                                hint="check username and password (an app password, or POP access enabled "
-                                     "at the provider, may be needed)") from None
-        except (OSError, EOFError) as exc:
-            self.close()
-            raise ConnectionLost(f"connection to {self.where} lost during login: {_text(exc)}") from None
-        except BaseException:
-            self.close()
-            raise
+        # POP3S or STLS, pin, CAPA, authentication (USER/PASS): login.py
+        logged = login.log_in(acc, secret, protocol="pop3")
+        self.pop = logged.client
+        self.caps = logged.caps
 
     def close(self, commit: bool = False) -> None:
         """QUIT commits DELEs; without commit the connection is just dropped (DELEs roll back)."""
@@ -173,14 +133,13 @@ def download(acc: Account, password: str, *, progress: Progress = lambda e, d: N
             for attempt in range(acc.retries + 1):
                 try:
                     _download(acc, password, state, res, progress, stop)
-                    res.error = ""
+                    res.succeed()  # (an earlier attempt may have lost its connection)
                     break
                 except ServerError as exc:  # a refused command: retrying will not help
-                    res.error = str(exc)
+                    res.fail(Outcome.REFUSED, str(exc))
                     break
                 except ConnectionLost as exc:
-                    res.error = str(exc)
-                    res._lost = True  # type: ignore[attr-defined]
+                    res.fail(Outcome.LOST, str(exc))
                     if attempt == acc.retries:
                         break
                     delay = min(2 ** attempt, 30)
@@ -233,7 +192,7 @@ def _download(acc: Account, password: str, state: State, res: FolderResult, prog
         if too_big:
             res.notices.append(f"{too_big} messages larger than max_message_size ({acc.max_message_size} bytes) "
                                "were not downloaded; raise max_message_size to get them")
-            res.skipped_too_big = too_big  # type: ignore[attr-defined]
+            res.skipped_too_big = too_big
         # identities that vanished (a UIDL format change, as Dovecot's when UIDVALIDITY changes):
         # their files are re-bound by content instead of stored twice
         orphans: dict[str, list[str]] = {}

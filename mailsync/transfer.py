@@ -21,7 +21,7 @@ from pathlib import Path
 
 from mailsync import crashpoint
 from mailsync.config import Account
-from mailsync.errors import ServerError, StorageError
+from mailsync.errors import PartialFailure, SafetyAbort, ServerError, StorageError
 from mailsync.folders import selected
 from mailsync.identity import content_sha256
 from mailsync.imap import FolderInfo, ImapSession, crlf, message_id
@@ -66,6 +66,17 @@ class TransferReport:
 
     def total(self, attr: str) -> int:
         return sum(getattr(f, attr) for f in self.folders)
+
+    @property
+    def exit_code(self) -> int:
+        """0 when every folder was copied; 10 when the only trouble was the deletion guard
+        (--delete), in one or more folders; else 9 (docs/exit-codes.md)."""
+        bad = [f for f in self.folders if f.errors or f.failed]
+        if not bad:
+            return 0
+        if all(f.guarded and not f.failed and len(f.errors) == 1 for f in bad):
+            return SafetyAbort.exit_code
+        return PartialFailure.exit_code
 
     def to_json(self) -> dict:
         return {"seconds": round(self.seconds, 3),

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mailsync.config import Account
-from mailsync.errors import ConfigError, ConnectionLost, MailsyncError, ServerError, StorageError
+from mailsync.errors import ConfigError, ConnectionLost, MailsyncError, ServerError, SessionError, StorageError
 from mailsync.folders import map_paths, selected
 from mailsync.identity import Identity, same
 from mailsync.imap import FolderInfo, ImapSession, crlf
@@ -596,8 +596,8 @@ def _with_retries(acc: Account, pool, checker: _Checker, job: _Folder, stop: thr
             return FolderReport(name=job.name, error="interrupted")
         try:
             session = pool.take()
-        except ConnectionLost as exc:
-            err: MailsyncError = exc
+        except SessionError as exc:  # no session could be opened: lost or refused, retried
+            err: SessionError = exc
         except MailsyncError as exc:
             return FolderReport(name=job.name, error=str(exc))
         else:
