@@ -44,12 +44,14 @@ def message_id(data: bytes) -> str:
         pos = low.find(b"message-id:", pos + 1)
     if pos < 0:
         return ""
-    start = pos + len(b"message-id:")
-    stop = head.find(b"\n", start)
-    while stop >= 0 and head[stop + 1:stop + 2] in (b" ", b"\t"):
-        stop = head.find(b"\n", stop + 1)
-    value = head[start:] if stop < 0 else head[start:stop]
-    return b" ".join(value.split()).decode("utf-8", "replace")
+    line_end = head.find(b"\n", pos)
+    value = head[pos + 11: line_end if line_end >= 0 else len(head)]
+    # folded continuation lines
+    while line_end >= 0 and head[line_end + 1:line_end + 2] in (b" ", b"\t"):
+        nxt = head.find(b"\n", line_end + 1)
+        value += head[line_end + 1: nxt if nxt >= 0 else len(head)]
+        line_end = nxt
+    return value.strip().decode("utf-8", "replace")[:998]
 
 
 def canonical(data: bytes) -> bytes:

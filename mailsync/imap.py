@@ -20,6 +20,7 @@ from imapclient.response_parser import parse_fetch_response
 from mailsync import fetch, login, utf7
 from mailsync.config import Account
 from mailsync.errors import ConnectionLost, ServerError
+from mailsync.identity import crlf, message_id  # noqa: F401 - re-exported
 
 # moved to login.py; still importable from here
 from mailsync.login import (  # noqa: F401
@@ -433,13 +434,6 @@ def parse_seqset(text: str) -> set[int]:
     return out
 
 
-def crlf(data: bytes) -> bytes:
-    """Bare LF -> CRLF, as IMAP APPEND needs; CRLF already present is kept."""
-    if b"\n" not in data.replace(b"\r\n", b""):
-        return data
-    return data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
-
-
 def seqset(uids: Iterable[int]) -> str:
     """[1, 2, 3, 7, 9, 10] -> '1:3,7,9:10'."""
     out: list[str] = []
@@ -455,28 +449,6 @@ def seqset(uids: Iterable[int]) -> str:
     if start is not None:
         out.append(f"{start}:{prev}" if prev != start else str(start))
     return ",".join(out)
-
-
-def message_id(data: bytes) -> str:
-    """The Message-ID header's value (first one), or '' - a hint only, never an identity."""
-    end = data.find(b"\r\n\r\n")
-    if end < 0:
-        end = data.find(b"\n\n")
-    head = data if end < 0 else data[:end]
-    low = head.lower()
-    pos = low.find(b"message-id:")
-    while pos > 0 and low[pos - 1:pos] not in (b"\n",):
-        pos = low.find(b"message-id:", pos + 1)
-    if pos < 0:
-        return ""
-    line_end = head.find(b"\n", pos)
-    value = head[pos + 11: line_end if line_end >= 0 else len(head)]
-    # folded continuation lines
-    while line_end >= 0 and head[line_end + 1:line_end + 2] in (b" ", b"\t"):
-        nxt = head.find(b"\n", line_end + 1)
-        value += head[line_end + 1: nxt if nxt >= 0 else len(head)]
-        line_end = nxt
-    return value.strip().decode("utf-8", "replace")[:998]
 
 
 def _chunks(items: list, n: int):
