@@ -203,6 +203,7 @@ class FolderJob:
                         fl, kw = self.flags.get(uid, (frozenset(), frozenset()))
                         self._retag(rec.key, fl, kw)
                         tx.rebind(by_rec[id(rec)], self.validity, uid, fl, kw)
+                    self.mf.sync_dirs()  # renames durable before the state records them
                 self.res.rebound += len(matched)
                 self.res.renumbered += len(matched)
                 fetch = [u for u in fetch if u not in matched]
