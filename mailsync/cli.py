@@ -370,7 +370,7 @@ def _maybe_accounts(config: Optional[Path]) -> set[str]:
 
 @app.command()
 def verify(
-    account: str = typer.Argument(..., help="The IMAP account whose backup to check."),
+    account: str = typer.Argument(..., help="The IMAP or POP3 account whose backup to check."),
     deep: bool = typer.Option(False, "--deep", help="Re-fetch and hash every message on the server."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing when the backup is intact."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
@@ -382,8 +382,6 @@ def verify(
     with _Errors(debug):
         cfg = _load(config)
         acc = cfg.account(account)
-        if acc.protocol != "imap":
-            raise ConfigError(f"[accounts.{acc.name}] verify needs an IMAP account")
         from mailsync import secrets
         from mailsync import verify as ver
         report = ver.verify(acc, secrets.password(acc), deep=deep)

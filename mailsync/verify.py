@@ -1,4 +1,4 @@
-"""`mailsync verify`: prove that the Maildir backup of an IMAP account is complete and intact.
+"""`mailsync verify`: prove that the Maildir backup of an IMAP or POP3 account is complete and intact.
 
 Read-only on both sides: folders are opened with EXAMINE, bodies fetched with BODY.PEEK, the
 state is opened read-only (SQLite mode=ro, no migration) and never written, and nothing in the
@@ -23,6 +23,12 @@ state and the files are compared:
 Flag differences are warnings, not failures: flags change whenever mail is read, and they are
 metadata the next sync brings over; what verify proves is that every message is there, intact.
 Extra files are warnings too: they are not part of the backup, and lose nothing.
+
+A POP3 account (one folder, INBOX, the Maildir root) is checked the same way against the server's
+UIDLs and LIST sizes and the state's pop3 records: missing, hash mismatch, size mismatch, lost,
+extra and kept as above (no flags, no UIDVALIDITY), and with deep=True every message is read with
+RETR. No DELE is ever sent, and the session ends by dropping the connection, never with QUIT (the
+command that makes a POP3 server commit deletions and flag changes).
 
 `VerifyReport.exit_code` is 0 when the backup is proven, EXIT_DAMAGED (11, "backup incomplete or
 damaged") otherwise.
@@ -71,7 +77,7 @@ def _quiet(event: str, data: dict) -> None:
 class Problem:
     """One message (or file) verify has something to say about."""
 
-    uid: int | None     # the server UID (None for a file no state record names)
+    uid: int | str | None  # the server UID, a POP3 UIDL (str), None for a file no record names
     file: str | None    # path relative to the account's Maildir (for a missing file: dir/key)
     detail: str
 
@@ -79,7 +85,7 @@ class Problem:
         return {"uid": self.uid, "file": self.file, "detail": self.detail}
 
     def line(self, label: str) -> str:
-        who = [f"UID {self.uid}"] if self.uid is not None else []
+        who = [] if self.uid is None else [f"UIDL {self.uid}" if isinstance(self.uid, str) else f"UID {self.uid}"]
         if self.file:
             who.append(self.file)
         return f"{label}: {', '.join(who) or '?'}: {self.detail}"
@@ -520,9 +526,9 @@ def verify(acc: Account, password: str, *, deep: bool = False, progress: Progres
 
     Raises for whole-run failures (login, TLS, lock, no backup at all); a folder that cannot be
     checked is reported as failed in the report."""
-    if acc.protocol != "imap":
-        raise ConfigError(f"[accounts.{acc.name}] verify checks IMAP backups; this account uses "
-                          f"{acc.protocol}", hint="verify an IMAP account")
+    if acc.protocol not in ("imap", "pop3"):
+        raise ConfigError(f"[accounts.{acc.name}] verify checks IMAP and POP3 backups; this account uses "
+                          f"{acc.protocol}")
     started = time.monotonic()
     root = acc.maildir
     if not root.is_dir() or not (root / DB_NAME).is_file():
@@ -531,6 +537,10 @@ def verify(acc: Account, password: str, *, deep: bool = False, progress: Progres
     with RunLock(root):
         state = _ReadOnlyState(root)
         try:
+            if acc.protocol == "pop3":
+                _run_pop3(acc, password, state, report, deep, progress)
+                report.seconds = time.monotonic() - started
+                return report
             session = ImapSession(acc, password)
             from mailsync.engine import _Pool  # the engine's connection pool, shared sessions
             pool = _Pool(acc, password, acc.connections, session)
@@ -624,3 +634,183 @@ def _with_retries(acc: Account, pool, checker: _Checker, job: _Folder, stop: thr
         if attempt > acc.retries:
             return FolderReport(name=job.name, error=str(err))
         time.sleep(min(2 ** (attempt - 1), 30))
+
+
+# ----------------------------------------------------------------------------- POP3
+
+@dataclass
+class _Pop3Rec:
+    """A pop3 state row in the shape _Checker._same_on_the_wire reads."""
+
+    key: str
+    size: int
+    sha256: str
+    on_server: bool
+
+
+def _pop3_session(acc: Account, password: str):
+    """A Pop3Session that cannot delete: DELE refused here, and close() only drops the connection
+    (no QUIT, so the server commits nothing, not even the \\Seen flags a RETR may set)."""
+    from mailsync.pop3 import Pop3Session
+
+    s = Pop3Session(acc, password)
+
+    def no_dele(n: int) -> None:
+        raise AssertionError("verify never deletes on the server")
+
+    s.dele = no_dele
+    return s
+
+
+def _run_pop3(acc: Account, password: str, state: _ReadOnlyState, report: VerifyReport, deep: bool,
+              progress: Progress) -> None:
+    """One folder, INBOX, the Maildir root: the server's UIDLs and LIST sizes against the state's
+    pop3 records and the files. A connection lost during the check is retried like a sync."""
+    progress("folders", {"count": 1})
+    session = _pop3_session(acc, password)  # login, TLS, connect errors end the run (3, 4, 5)
+    attempt = 0
+    while True:
+        try:
+            if session is None:
+                session = _pop3_session(acc, password)
+            rep = _check_pop3(acc, session, state, deep, progress)
+            break
+        except ConnectionLost as exc:
+            rep = FolderReport(name="INBOX", path=".", error=str(exc))
+            if attempt >= acc.retries:
+                break
+        except (ServerError, StorageError) as exc:  # a refused command, an unreadable Maildir
+            rep = FolderReport(name="INBOX", path=".", error=str(exc))
+            break
+        finally:
+            if session is not None:
+                session.close()  # never commit=True: QUIT is what makes a POP3 server delete
+                session = None
+        attempt += 1
+        time.sleep(min(2 ** (attempt - 1), 30))
+    progress("verify_folder_done", {"result": rep})
+    report.folders.append(rep)
+
+
+def _check_pop3(acc: Account, s, state: _ReadOnlyState, deep: bool, progress: Progress) -> FolderReport:
+    root = acc.maildir
+    rep = FolderReport(name="INBOX", path=".", lost_is_error=True)  # POP3 is backup mode only
+
+    def rel(path: Path) -> str:
+        try:
+            return str(path.relative_to(root))
+        except ValueError:
+            return str(path)
+
+    sizes = s.listing()
+    ids, has_uidl = s.uidls(sizes)
+    if not has_uidl:
+        rep.notes.append("the server has no UIDL; messages are identified by a hash of their headers and size")
+    rep.server_messages = len(ids)
+    try:
+        rows = state.pop3_records()
+    except sqlite3.OperationalError:  # a state from before POP3 support: no pop3 table
+        rows = {}
+    recs = {u: _Pop3Rec(r["key"], r["size"], r["sha256"], bool(r["on_server"])) for u, r in rows.items()}
+    rep.state_records = len(recs)
+    if not recs:
+        rep.notes.append("the state has no POP3 download yet")
+
+    mf = MaildirFolder(root)
+    on_disk = mf.scan()
+    in_tmp = mf.tmp_keys()
+    rep.local_files = len(on_disk)
+    named = {rec.key for rec in recs.values()}
+
+    def where(key: str) -> str:
+        if key in on_disk:
+            sub, name = on_disk[key]
+            return rel(root / sub / name)
+        return rel(root / key)
+
+    # re-hash every file a record names
+    local_sha: dict[str, str] = {}
+    for uidl, rec in sorted(recs.items(), key=lambda t: t[1].key):
+        if rec.key not in on_disk or rec.key in local_sha:
+            continue
+        sub, name = on_disk[rec.key]
+        try:
+            local_sha[rec.key] = got = _digest(root / sub / name)
+        except OSError as exc:
+            rep.hash_mismatches.append(Problem(uidl, where(rec.key), f"cannot read the file: {exc.strerror or exc}"))
+            continue
+        if not rec.sha256:
+            rep.unhashed += 1
+        elif got != rec.sha256:
+            rep.hash_mismatches.append(Problem(
+                uidl, where(rec.key), f"the file's SHA-256 {got[:16]}... differs from the state's "
+                f"{rec.sha256[:16]}... (corrupted or changed)"))
+
+    # server <-> state <-> files
+    last_known = max((n for n, u in ids.items() if u in recs), default=0)
+    for n, uidl in sorted(ids.items()):
+        size = sizes.get(n, 0)
+        rec = recs.get(uidl)
+        if rec is None:
+            if acc.max_message_size and size > acc.max_message_size:
+                why = f"not in the backup: larger than max_message_size ({acc.max_message_size} bytes)"
+            elif n > last_known:
+                why = "new on the server since the last sync"
+            else:
+                why = "not in the backup (no state record)"
+            rep.missing.append(Problem(uidl, None, why))
+            continue
+        if rec.key not in on_disk:
+            detail = "its file is missing from the backup"
+            if rec.key in in_tmp:
+                detail += " (it is still in tmp/ after an interrupted run; the next sync delivers it)"
+            rep.missing.append(Problem(uidl, where(rec.key), detail))
+            continue
+        sub, name = on_disk[rec.key]
+        if size != rec.size and not _Checker._same_on_the_wire(root / sub / name, rec, size,
+                                                                local_sha.get(rec.key)):
+            rep.size_mismatches.append(Problem(uidl, where(rec.key),
+                                               f"the server has {size} bytes, the state {rec.size}"))
+    present = set(ids.values())
+    for uidl, rec in sorted(recs.items(), key=lambda t: t[1].key):
+        if uidl in present:
+            continue
+        why = "gone from the server" if not rec.on_server else "deleted on the server since the last sync"
+        if rec.key in on_disk:
+            rep.kept.append(Problem(uidl, where(rec.key), why + "; kept in the backup"))
+        else:
+            rep.lost.append(Problem(uidl, where(rec.key), why + ", and its file is missing from the backup"))
+    for key, (sub, name) in sorted(on_disk.items()):
+        if key not in named:
+            rep.extra.append(Problem(None, rel(root / sub / name),
+                                     "no state record names this file (put there by hand or another program); "
+                                     "not part of the backup"))
+    if rep.unhashed:
+        rep.notes.append(f"{rep.unhashed} files have no checksum in the state; only --deep checks their content")
+
+    if deep:
+        todo = [n for n, u in sorted(ids.items()) if u in recs and recs[u].key in local_sha]
+        progress("folder_start", {"folder": "INBOX", "messages": len(todo),
+                                  "bytes": sum(sizes.get(n, 0) for n in todo)})
+        for n in todo:  # RETR only: nothing is marked for deletion, and the session ends without QUIT
+            uidl = ids[n]
+            key = recs[uidl].key
+            body = s.retr(n)
+            progress("message", {"folder": "INBOX", "bytes": len(body)})
+            rep.deep_checked += 1
+            got = hashlib.sha256(body).hexdigest()
+            if got == local_sha[key]:
+                continue
+            sub, name = on_disk[key]
+            try:
+                other = same(Identity.of(body), Identity.of((root / sub / name).read_bytes()))
+            except OSError:
+                other = None
+            if other is not None:
+                rep.other_form.append(Problem(uidl, where(key), "the server's message in another form (line "
+                                              "ends, or headers another tool added): kept as it is"))
+                continue
+            rep.deep_mismatches.append(Problem(
+                uidl, where(key), f"the server's copy (SHA-256 {got[:16]}..., {len(body)} bytes) differs "
+                f"from the file (SHA-256 {local_sha[key][:16]}...)"))
+    return rep
