@@ -17,6 +17,7 @@ unit tests at the end.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -67,8 +68,13 @@ class Template:
     messages: dict   # that account: folder -> uid -> (bytes, flags)
 
 
+_builds = itertools.count(1)
+
+
 def _build(kind: Kind, dovecot, tmp: Path) -> Template:
-    u = MailUser.create(dovecot, f"adopt{os.getpid()}{kind.name.replace('+', 'p').replace('-', '')}", tmp)
+    # a new account each time: the module's fixtures can be set up twice in one process (when
+    # pytest runs this module's tests in two groups), and a reused account would be seeded twice
+    u = MailUser.create(dovecot, f"adopt{os.getpid()}x{next(_builds)}{kind.name.replace('+', 'p').replace('-', '')}", tmp)
     T.seed_corpus(u)
     work = tmp / "tool"
     if kind.name == "mbsync-maildir++":
