@@ -13,7 +13,7 @@ from typing import Optional
 
 import typer
 
-from mailsync import __version__
+from mailsync import __version__, crashpoint
 from mailsync import config as config_mod
 from mailsync.errors import ConfigError, ConnectionLost, MailsyncError, PartialFailure, SafetyAbort
 
@@ -264,6 +264,7 @@ def _sync_account(cfg, account: str, mode, dry_run, force, quiet, as_json, debug
     if failed and not as_json:
         typer.echo(f"mailsync: {prefix}{len(failed)} of {len(result.folders)} folders failed; "
                    "everything else was saved, run again to retry", err=True)
+    crashpoint.pause("summary")
     return result.exit_code, result.to_json()
 
 
@@ -530,6 +531,7 @@ def main() -> None:
             app()  # ends with SystemExit
         finally:
             _ignore_ctrl_c()
+            crashpoint.pause("decided")
     except KeyboardInterrupt:
         _exit_interrupted()
     except SystemExit as exc:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 _spec = os.environ.get("MAILSYNC_CRASH_AT", "")
 _name, _, _n = _spec.partition(":")
@@ -24,3 +25,21 @@ def hit(name: str) -> None:
         _left -= 1
         if _left == 0:
             os._exit(137)
+
+
+_pause_at = os.environ.get("MAILSYNC_PAUSE_AT", "")
+_pause_file = os.environ.get("MAILSYNC_PAUSE_FILE", "")
+
+
+def pause(name: str) -> None:
+    """Test-only: at the step NAME (MAILSYNC_PAUSE_AT), create the file MAILSYNC_PAUSE_FILE and
+    wait, at most 10 s, until the test removes it, so that a signal the test sends lands exactly
+    there. Names: `summary` (the summary printed, the command not yet ended), `decided` (the
+    exit code decided, the interpreter about to end). Unset: one comparison."""
+    if name != _pause_at or not _pause_file:
+        return
+    with open(_pause_file, "w"):
+        pass
+    deadline = time.monotonic() + 10
+    while os.path.exists(_pause_file) and time.monotonic() < deadline:
+        time.sleep(0.005)

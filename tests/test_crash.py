@@ -164,25 +164,45 @@ def test_ctrl_c_stops_promptly_and_a_rerun_completes(user, moment, connections):
 
 
 
-def test_ctrl_c_as_the_run_ends_never_ends_it_by_the_signal(user):
-    """SIGINT the moment the summary line is printed: the run is done and the interpreter is
-    about to shut down (while it does, Python restores the default SIGINT action). The run
-    exits 0 (its outcome was decided) or 130 with the `interrupted` line; never by the signal
-    itself (status -2 and nothing said) nor with a traceback. Three runs (the first downloads,
-    the others have nothing to do)."""
+def ctrl_c_at(user, step: str):
+    """Run mailsync paused at the step (crashpoint.pause), send SIGINT there, let it go on;
+    returns (exit status, stdout, stderr)."""
+    flag = user.tmp / f"paused-{step}"
+    p = subprocess.Popen([sys.executable, "-m", "mailsync", "--config", str(user.config), "sync", "test"],
+                         env=user.env(MAILSYNC_PAUSE_AT=step, MAILSYNC_PAUSE_FILE=str(flag)),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    deadline = time.monotonic() + 60
+    while not flag.exists() and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    assert flag.exists(), f"the run never reached {step} (exit {p.poll()})"
+    p.send_signal(signal.SIGINT)
+    time.sleep(0.2)  # (it is handled, or ignored, while the run waits)
+    flag.unlink(missing_ok=True)
+    out, err = p.communicate(timeout=30)
+    return p.returncode, out, err
+
+
+def test_ctrl_c_once_the_outcome_is_decided_is_ignored(user):
+    """SIGINT after the exit code is decided, as the interpreter is about to end (while it does,
+    Python restores the default SIGINT action): the run exits 0 with nothing on stderr, never by
+    the signal itself (status -2, nothing said) or with a traceback."""
     seed(user)
-    for i in range(3):
-        p = start(user)
-        line = p.stdout.readline()
-        p.send_signal(signal.SIGINT)  # (only if it is still running)
-        out, err = p.communicate(timeout=30)
-        assert line.startswith(b"test: 3 folders"), (i, line, err[-2000:])
-        assert p.returncode in (0, 130), f"run {i}: exit {p.returncode}, stderr {err[-2000:]!r}"
-        if p.returncode == 130:  # (the short form when it lands while click unwinds)
-            assert err.decode() in ("mailsync: interrupted; what was saved is kept, run again to continue\n",
-                                    "mailsync: interrupted\n"), err[-2000:]
-        else:
-            assert err == b"", err[-2000:]
+    for i in range(2):  # the first run downloads, the second has nothing to do
+        code, out, err = ctrl_c_at(user, "decided")
+        assert code == 0, f"run {i}: exit {code}, stderr {err[-2000:]!r}"
+        assert err == b"", err[-2000:]
+        assert out.startswith(b"test: 3 folders"), out
+    assert_exactly_once(user)
+
+
+def test_ctrl_c_while_the_summary_is_printed_is_an_interruption(user):
+    """SIGINT after the summary line, before the command ends: exit 130 and the one
+    `interrupted` line; what was saved stays saved."""
+    seed(user)
+    code, out, err = ctrl_c_at(user, "summary")
+    assert code == 130, f"exit {code}, stderr {err[-2000:]!r}"
+    assert err.decode() == "mailsync: interrupted; what was saved is kept, run again to continue\n", err
+    assert out.startswith(b"test: 3 folders"), out
     assert_exactly_once(user)
 
 
