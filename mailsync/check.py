@@ -773,6 +773,21 @@ class _Proto:
                              "the server accepted TLS but did not greet: wrong protocol on this port?",
                              "check the port (IMAPS 993, POP3S 995)")
 
+    def authenticate(self, authenticate, username: str, password: str, service: str, setting: str) -> None:
+        """login.py's authentication step for this protocol (authenticate: login.imap_authenticate
+        or login.pop3_authenticate), reported as one line."""
+        self.secret = password
+        self.deadline.start()
+        try:
+            done = authenticate(self.acc, self.client, self.caps, login.authenticator(self.acc, password))
+        except MailsyncError as exc:
+            raise self.login_failed(exc, username,
+                                    f"wrong username or password, or {service} access disabled at the provider "
+                                    f"(some need an app password or {setting} in settings)",
+                                    "check username and password with a mail client or webmail, create an app "
+                                    f"password, enable {service} in the provider's settings") from None
+        self.out.ok(f"login as {username} ({done.mechanism}): {self.text(done.said)}")
+
     def login_failed(self, exc: MailsyncError, username: str, cause: str, fix: str) -> _Fail:
         """login.py's answer to a failed login, in check's words (FAIL line, cause, fix)."""
         if isinstance(exc, (ConnectError, ConnectionLost)):
@@ -848,17 +863,7 @@ class _Imap(_Proto):
         self.show_caps("capabilities", before_login=True)
 
     def login(self, username: str, password: str) -> None:
-        self.secret = password
-        self.deadline.start()
-        try:
-            done = login.imap_authenticate(self.acc, self.client, self.caps, login.authenticator(self.acc, password))
-        except MailsyncError as exc:
-            raise self.login_failed(exc, username,
-                                    "wrong username or password, or IMAP access disabled at the provider "
-                                    "(some need an app password or IMAP enabled in settings)",
-                                    "check username and password with a mail client or webmail, create an app "
-                                    "password, enable IMAP in the provider's settings") from None
-        self.out.ok(f"login as {username} ({done.mechanism}): {self.text(done.said)}")
+        self.authenticate(login.imap_authenticate, username, password, "IMAP", "IMAP enabled")
         self.deadline.start()
         try:
             self.caps = login.imap_capabilities_after_login(self.acc, self.client)
@@ -947,17 +952,7 @@ class _Pop3(_Proto):
         self.show_caps("capabilities", before_login=False)
 
     def login(self, username: str, password: str) -> None:
-        self.secret = password
-        self.deadline.start()
-        try:
-            done = login.pop3_authenticate(self.acc, self.client, self.caps, login.authenticator(self.acc, password))
-        except MailsyncError as exc:
-            raise self.login_failed(exc, username,
-                                    "wrong username or password, or POP3 access disabled at the provider "
-                                    "(some need an app password or POP enabled in settings)",
-                                    "check username and password with a mail client or webmail, create an app "
-                                    "password, enable POP3 in the provider's settings") from None
-        self.out.ok(f"login as {username} ({done.mechanism}): {self.text(done.said)}")
+        self.authenticate(login.pop3_authenticate, username, password, "POP3", "POP enabled")
         self.deadline.start()
         try:
             count, size = self.client.stat()

@@ -82,6 +82,7 @@ class FolderJob:
         self.adopted: set[str] = set()                          # local files bound to a server message
         self.push_after: list[tuple[int, frozenset[str]]] = []  # (uid, full flag set) to store
         self.too_big: list[int] = []                            # new, over max_message_size
+        self._idents: dict[str, Identity] = {}                   # key -> identity of its file, once read
 
     # -- common steps -------------------------------------------------------------------
 
@@ -588,10 +589,14 @@ class FolderJob:
                                    upload=tuple(k for k in plan.upload if k not in keys))
 
     def _identity(self, key: str) -> Identity | None:
-        try:
-            return Identity.of(self.mf.read(self.on_disk[key]))
-        except OSError:
-            return None  # gone meanwhile (a mail client): not a candidate
+        """The identity of a local file, read once a run (a message file's bytes never change;
+        the hint pairing, the dry run's preview and the download all ask)."""
+        if key not in self._idents:
+            try:
+                self._idents[key] = Identity.of(self.mf.read(self.on_disk[key]))
+            except OSError:
+                return None  # gone meanwhile (a mail client): not a candidate
+        return self._idents[key]
 
     def bind_by_hint(self, fetch: list[int], cands: set[str],
                      local_flags: dict[str, frozenset[str]] | None) -> tuple[set[int], set[str]]:

@@ -287,12 +287,25 @@ def _digest(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def _wire_digest(path: Path) -> str | None:
-    """SHA-256 of the file as it is on the server when it was uploaded with LF line ends
-    (IMAP stores CRLF), or None when the file already is in that form."""
-    data = path.read_bytes()
-    wire = crlf(data)
-    return hashlib.sha256(wire).hexdigest() if wire != data else None
+def deep_compare(rep: FolderReport, id_, shown: str, body: bytes, path: Path, file_sha: str) -> None:
+    """--deep, both protocols: the server's bytes against the file's. The same bytes: nothing to
+    say; the same message in another form (identity.py): `other_form`; else a content mismatch."""
+    got = hashlib.sha256(body).hexdigest()
+    if got == file_sha:
+        return
+    try:
+        data = path.read_bytes()
+    except OSError:
+        data = None
+    if data is not None and crlf(data) == body:
+        rep.other_form.append(Problem(id_, shown, "the server's message with LF line ends (CRLF on the server): "
+                                      "kept as it is"))
+    elif data is not None and same(Identity.of(body), Identity.of(data)) is not None:
+        rep.other_form.append(Problem(id_, shown, "the server's message in another form (line ends, or headers "
+                                      "another tool added): kept as it is"))
+    else:
+        rep.deep_mismatches.append(Problem(id_, shown, f"the server's copy (SHA-256 {got[:16]}..., {len(body)} "
+                                           f"bytes) differs from the file (SHA-256 {file_sha[:16]}...)"))
 
 
 def _flagtext(flags) -> str:
@@ -492,29 +505,7 @@ class _Checker:
                 self.progress("message", {"folder": job.name, "bytes": len(body)})
                 rep.deep_checked += 1
                 key = current[uid].key
-                got = hashlib.sha256(body).hexdigest()
-                if got == local_sha[key]:
-                    continue
-                sub, name = on_disk[key]
-                try:
-                    wire = _wire_digest(job.path / sub / name)
-                except OSError:
-                    wire = None
-                if got == wire:
-                    rep.other_form.append(Problem(uid, where(key), "the server's message with LF line ends "
-                                                  "(CRLF on the server): kept as it is"))
-                    continue
-                try:
-                    other = same(Identity.of(body), Identity.of((job.path / sub / name).read_bytes()))
-                except OSError:
-                    other = None
-                if other is not None:
-                    rep.other_form.append(Problem(uid, where(key), "the server's message in another form (line "
-                                                  "ends, or headers another tool added): kept as it is"))
-                    continue
-                rep.deep_mismatches.append(Problem(
-                    uid, where(key), f"the server's copy (SHA-256 {got[:16]}..., {len(body)} bytes) differs "
-                    f"from the file (SHA-256 {local_sha[key][:16]}...)"))
+                deep_compare(rep, uid, where(key), body, job.path.joinpath(*on_disk[key]), local_sha[key])
         if vanished:
             rep.notes.append(f"{vanished} messages were expunged on the server during the check")
 
@@ -798,19 +789,5 @@ def _check_pop3(acc: Account, s, state: _ReadOnlyState, deep: bool, progress: Pr
             body = s.retr(n)
             progress("message", {"folder": "INBOX", "bytes": len(body)})
             rep.deep_checked += 1
-            got = hashlib.sha256(body).hexdigest()
-            if got == local_sha[key]:
-                continue
-            sub, name = on_disk[key]
-            try:
-                other = same(Identity.of(body), Identity.of((root / sub / name).read_bytes()))
-            except OSError:
-                other = None
-            if other is not None:
-                rep.other_form.append(Problem(uidl, where(key), "the server's message in another form (line "
-                                              "ends, or headers another tool added): kept as it is"))
-                continue
-            rep.deep_mismatches.append(Problem(
-                uidl, where(key), f"the server's copy (SHA-256 {got[:16]}..., {len(body)} bytes) differs "
-                f"from the file (SHA-256 {local_sha[key][:16]}...)"))
+            deep_compare(rep, uidl, where(key), body, root.joinpath(*on_disk[key]), local_sha[key])
     return rep

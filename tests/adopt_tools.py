@@ -31,6 +31,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import local_files
+
 # the command -> the Debian package that has it
 TOOL_PACKAGES = {"mbsync": "isync", "offlineimap": "offlineimap3"}
 TOOL_TIMEOUT = 120  # seconds for one run of a tool
@@ -401,14 +403,7 @@ def clone_server(snapshot: Path, user) -> None:
 
 def maildir_files(root: Path) -> dict[Path, bytes]:
     """Every message file under root (any layout): path -> bytes."""
-    out = {}
-    for dirpath, _dirs, files in os.walk(root):
-        if os.path.basename(dirpath) in ("cur", "new"):
-            for f in files:
-                p = Path(dirpath) / f
-                out[p] = p.read_bytes()
-    return out
-
+    return local_files(root)
 
 
 def unique_part(name: str) -> str:

@@ -14,6 +14,7 @@ import pytest
 
 from tests.helpers import ROOT, local_files, msg, sha
 from tests.test_backup import check_backup_matches_server
+from tests.test_kill_sweep import count_files
 
 
 def seed(user, body: str = "y" * 3000, connections: int = 2):
@@ -64,12 +65,6 @@ def test_kill_twice_in_a_row(user):
 BIG = "z" * 12_000  # 5 messages a 64 KiB batch: 28 batches, so the download lasts long enough
 
 
-def count_files(root: Path) -> int:
-    n = 0
-    for dirpath, _dirs, files in os.walk(root):
-        if os.path.basename(dirpath) in ("cur", "new"):
-            n += len(files)
-    return n
 
 
 def start(user, config: Path | None = None) -> subprocess.Popen:
