@@ -103,8 +103,8 @@ def _folder_json(f: FolderResult) -> dict:
 class _Pool:
     """Logged-in sessions shared by the folder workers; at most `size` are opened."""
 
-    def __init__(self, acc: Account, password: str, size: int, first: ImapSession) -> None:
-        self.acc, self._password, self.size = acc, password, size
+    def __init__(self, connect: Callable[[], ImapSession], size: int, first: ImapSession) -> None:
+        self._connect, self.size = connect, size
         self._free: queue.SimpleQueue[ImapSession] = queue.SimpleQueue()
         self._free.put(first)
         self._opened = 1
@@ -132,7 +132,7 @@ class _Pool:
                 self.drop(got)  # out of step since it was given back: open another
                 continue
             try:
-                s = ImapSession(self.acc, self._password)
+                s = self._connect()
             except MailsyncError:
                 with self._lock:
                     self._opened -= 1
@@ -174,9 +174,11 @@ def backup(acc: Account, password: str, *, progress: Progress = _quiet) -> RunRe
 
 
 def run(acc: Account, password: str, *, mode: str, progress: Progress = _quiet,
-        opts: Options | None = None) -> RunResult:
-    """Run `mode` ("backup" or "sync") over every selected folder of acc."""
+        opts: Options | None = None, connect: Callable[[], ImapSession] | None = None) -> RunResult:
+    """Run `mode` ("backup", "mirror" or "sync") over every selected folder of acc. connect opens
+    one logged-in session (default: ImapSession over TLS; the tests' model server passes its own)."""
     opts = opts or Options()
+    connect = connect or (lambda: ImapSession(acc, password))
     started = time.monotonic()
     result = RunResult(account=acc.name)
     root = acc.maildir
@@ -184,8 +186,8 @@ def run(acc: Account, password: str, *, mode: str, progress: Progress = _quiet,
     with RunLock(root):
         state = State(root)
         try:
-            session = ImapSession(acc, password)
-            pool = _Pool(acc, password, acc.connections, session)
+            session = connect()
+            pool = _Pool(connect, acc.connections, session)
             try:
                 _run(acc, state, pool, session, result, progress, mode, opts)
             finally:
