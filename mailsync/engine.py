@@ -7,24 +7,23 @@ after the batch's files are durable, so an interrupted run resumes where it stop
 from __future__ import annotations
 
 import logging
-import queue
 import sqlite3
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mailsync.config import Account
-from mailsync.errors import (ConnectionLost, MailsyncError, PartialFailure, SafetyAbort, ServerError,
+from mailsync.errors import (ConnectionLost, MailsyncError, PartialFailure, SafetyAbort,
                              SessionError, StorageError)
 from mailsync.folders import map_paths, selected
-from mailsync.folderjob import FolderJob, Options, Stopped
+from mailsync.folderjob import FolderJob, Options
 from mailsync.imap import FolderInfo, ImapSession
 from mailsync.localfolders import local_folders
 from mailsync.maildir import make_dirs
 from mailsync.model import FolderResult, Outcome
+from mailsync.runner import Pool, Stopped, fan_out, with_session
 from mailsync.state import RunLock, State
 
 log = logging.getLogger("mailsync.engine")
@@ -100,74 +99,6 @@ def _folder_json(f: FolderResult) -> dict:
             "errors": [f.error] if f.failed else []}
 
 
-class _Pool:
-    """Logged-in sessions shared by the folder workers; at most `size` are opened."""
-
-    def __init__(self, connect: Callable[[], ImapSession], size: int, first: ImapSession) -> None:
-        self._connect, self.size = connect, size
-        self._free: queue.SimpleQueue[ImapSession] = queue.SimpleQueue()
-        self._free.put(first)
-        self._opened = 1
-        self._all = [first]
-        self._lock = threading.Lock()
-
-    def take(self) -> ImapSession:
-        while True:
-            got = None
-            with self._lock:
-                try:
-                    got = self._free.get_nowait()
-                except queue.Empty:
-                    open_new = self._opened < self.size
-                    if open_new:
-                        self._opened += 1
-            if got is None and not open_new:
-                try:
-                    got = self._free.get(timeout=0.5)
-                except queue.Empty:
-                    continue  # a session may have been dropped meanwhile: maybe open one
-            if got is not None:
-                if not got.broken:
-                    return got
-                self.drop(got)  # out of step since it was given back: open another
-                continue
-            try:
-                s = self._connect()
-            except MailsyncError:
-                with self._lock:
-                    self._opened -= 1
-                    if self._opened == 0:
-                        raise
-                    # e.g. a provider's connection limit: share the sessions we have
-                    self.size = self._opened
-                log.info("could not open another connection; continuing with %d", self.size)
-                continue
-            except BaseException:
-                with self._lock:
-                    self._opened -= 1
-                raise
-            with self._lock:
-                self._all.append(s)
-            return s
-
-    def give(self, s: ImapSession) -> None:
-        if s.broken:  # a reply was cut or could not be read: never reuse it
-            self.drop(s)
-        else:
-            self._free.put(s)
-
-    def drop(self, s: ImapSession) -> None:
-        s.close()
-        with self._lock:
-            self._opened -= 1
-            if s in self._all:
-                self._all.remove(s)
-
-    def close(self) -> None:
-        for s in list(self._all):
-            s.close()
-
-
 def backup(acc: Account, password: str, *, progress: Progress = _quiet) -> RunResult:
     """Back up every selected folder of acc into its Maildir. Raises for whole-run failures."""
     return run(acc, password, mode="backup", progress=progress)
@@ -187,7 +118,7 @@ def run(acc: Account, password: str, *, mode: str, progress: Progress = _quiet,
         state = State(root)
         try:
             session = connect()
-            pool = _Pool(connect, acc.connections, session)
+            pool = Pool(connect, acc.connections, session)
             try:
                 _run(acc, state, pool, session, result, progress, mode, opts)
             finally:
@@ -198,7 +129,7 @@ def run(acc: Account, password: str, *, mode: str, progress: Progress = _quiet,
     return result
 
 
-def _run(acc: Account, state: State, pool: _Pool, session: ImapSession, result: RunResult,
+def _run(acc: Account, state: State, pool: Pool, session: ImapSession, result: RunResult,
          progress: Progress, mode: str, opts: Options) -> None:
     listed = session.list_folders()
     if mode == "sync":
@@ -225,37 +156,12 @@ def _run(acc: Account, state: State, pool: _Pool, session: ImapSession, result: 
     runner = _FolderRunner(acc, state, pool, progress, mode, opts)
     order = [f.name for f in work]
     skipped, work = _skip_unchanged(acc, state, session, work, paths, progress, opts)
-    if len(work) <= 1 or acc.connections == 1:
-        results = [runner(f, paths[f.name]) for f in work]
-    else:
-        ex = ThreadPoolExecutor(max_workers=min(acc.connections, len(work)))
-        try:
-            results = list(ex.map(lambda f: runner(f, paths[f.name]), work))
-        except BaseException:
-            runner.interrupted = True
-            runner.stop.set()  # Ctrl-C: workers stop at their next batch
-            _join(ex)
-            raise
-        _join(ex)
+    results = fan_out(work, lambda f: runner(f, paths[f.name]), acc.connections, runner.stop,
+                      on_interrupt=runner.interrupt)
     by_name = {r.name: r for r in skipped + results}
     result.folders.extend(by_name[n] for n in order if n in by_name)
     if runner.fatal is not None:
         raise runner.fatal
-
-
-def _join(ex: ThreadPoolExecutor) -> None:
-    """Wait for the folder workers to end. A Ctrl-C meanwhile does not cut the wait short: the
-    state and the connections are closed next, and must not be while a worker still uses them
-    (the workers were told to stop; each finishes the batch it is on)."""
-    interrupted = None
-    while True:
-        try:
-            ex.shutdown(wait=True, cancel_futures=True)
-            break
-        except KeyboardInterrupt as exc:
-            interrupted = exc
-    if interrupted is not None:
-        raise interrupted
 
 
 def _skip_unchanged(acc: Account, state: State, session: ImapSession, work: list[FolderInfo],
@@ -284,7 +190,7 @@ def _skip_unchanged(acc: Account, state: State, session: ImapSession, work: list
 
 
 class _FolderRunner:
-    def __init__(self, acc: Account, state: State, pool: _Pool, progress: Progress, mode: str,
+    def __init__(self, acc: Account, state: State, pool: Pool, progress: Progress, mode: str,
                  opts: Options) -> None:
         self.acc, self.state, self.pool, self.progress = acc, state, pool, progress
         self.mode, self.opts = mode, opts
@@ -299,70 +205,45 @@ class _FolderRunner:
             if self.fatal is None:
                 self.fatal = exc
 
+    def interrupt(self) -> None:
+        self.interrupted = True
+
     def __call__(self, info: FolderInfo, path: Path) -> FolderResult:
+        """One folder, retried on a lost connection (runner.with_session); its outcome typed."""
         res = FolderResult(name=info.name)
         t0 = time.monotonic()
-        attempt = 0
-        while True:
-            if self.stop.is_set():
-                if self.interrupted:
-                    res.fail(Outcome.INTERRUPTED, "interrupted")
-                else:
-                    res.fail(Outcome.FAILED, "skipped after a local storage error")
-                break
-            try:
-                session = self.pool.take()
-            except SessionError as exc:  # no session could be opened: lost or refused, retried
-                session = None
-                err: SessionError = exc
-            except MailsyncError as exc:
-                res.fail(Outcome.FAILED, str(exc))
-                break
-            else:
-                try:
-                    job = FolderJob(self.acc, self.state, session, info, path, res, self.progress, self.stop,
-                                    self.opts)
-                    {"sync": job.sync, "mirror": job.mirror}.get(self.mode, job.backup)()
-                    self.pool.give(session)
-                    break
-                except SafetyAbort as exc:
-                    self.pool.give(session)
-                    res.fail(Outcome.GUARDED, str(exc))
-                    break
-                except Stopped:
-                    self.pool.give(session)
-                    res.fail(Outcome.INTERRUPTED, "interrupted")
-                    break
-                except ServerError as exc:  # a refused command: retrying will not help
-                    self.pool.give(session)
-                    res.fail(Outcome.REFUSED, str(exc))
-                    break
-                except ConnectionLost as exc:
-                    self.pool.drop(session)
-                    err = exc
-                except StorageError as exc:
-                    self.pool.give(session)
-                    self._storage_failed(exc)
-                    res.fail(Outcome.FAILED, str(exc))
-                    break
-                except sqlite3.Error as exc:  # the state file itself (disk full, damaged)
-                    self.pool.give(session)
-                    fatal = StorageError(f"cannot use the state file: {exc}", hint="free disk space or check the disk")
-                    self._storage_failed(fatal)
-                    res.fail(Outcome.FAILED, str(fatal))
-                    break
-                except OSError as exc:  # e.g. a folder name too long for the file system
-                    self.pool.give(session)
-                    res.fail(Outcome.FAILED, f"{exc.strerror or exc}: {exc.filename or path}")
-                    break
-            attempt += 1
-            if attempt > self.acc.retries:
-                res.fail(Outcome.LOST if isinstance(err, ConnectionLost) else Outcome.REFUSED, str(err))
-                break
-            delay = min(2 ** (attempt - 1), 30)
-            log.info("%s: %s; retrying in %ss", info.name, err, delay)
+
+        def work(session: ImapSession) -> None:
+            job = FolderJob(self.acc, self.state, session, info, path, res, self.progress, self.stop, self.opts)
+            {"sync": job.sync, "mirror": job.mirror}.get(self.mode, job.backup)()
+
+        def on_retry(err: SessionError, delay: int) -> None:
             self.progress("retry", {"folder": info.name, "error": str(err), "delay": delay})
-            self.stop.wait(delay)  # (a Ctrl-C meanwhile ends the wait: the loop then stops)
+
+        try:
+            with_session(self.pool, work, retries=self.acc.retries, stop=self.stop, on_retry=on_retry)
+        except Stopped:
+            if self.interrupted or self.fatal is None:
+                res.fail(Outcome.INTERRUPTED, "interrupted")
+            else:
+                res.fail(Outcome.FAILED, "skipped after a local storage error")
+        except SafetyAbort as exc:
+            res.fail(Outcome.GUARDED, str(exc))
+        except ConnectionLost as exc:  # (retried as often as the account allows)
+            res.fail(Outcome.LOST, str(exc))
+        except SessionError as exc:  # a refused command: retrying will not help
+            res.fail(Outcome.REFUSED, str(exc))
+        except StorageError as exc:
+            self._storage_failed(exc)
+            res.fail(Outcome.FAILED, str(exc))
+        except sqlite3.Error as exc:  # the state file itself (disk full, damaged)
+            fatal = StorageError(f"cannot use the state file: {exc}", hint="free disk space or check the disk")
+            self._storage_failed(fatal)
+            res.fail(Outcome.FAILED, str(fatal))
+        except MailsyncError as exc:  # e.g. no further session could be opened
+            res.fail(Outcome.FAILED, str(exc))
+        except OSError as exc:  # e.g. a folder name too long for the file system
+            res.fail(Outcome.FAILED, f"{exc.strerror or exc}: {exc.filename or path}")
         res.seconds = time.monotonic() - t0
         self.progress("folder_done", {"result": res})
         return res

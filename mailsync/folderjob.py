@@ -19,19 +19,17 @@ from pathlib import Path
 
 from mailsync import crashpoint
 from mailsync.config import Account
+from mailsync.delivery import Delivery, recover
 from mailsync.errors import SafetyAbort, ServerError
 from mailsync.identity import Identity, Matcher, content_sha256, may_differ
 from mailsync.imap import FolderInfo, ImapSession, crlf, message_id, seqset
 from mailsync.maildir import MaildirFolder, storage_error
 from mailsync.model import FolderResult, Record, ServerView, SyncPlan, split_flags
 from mailsync.plan import batches, deletion_guard, plan_backup, plan_sync, rematch
+from mailsync.runner import Stopped
 from mailsync.state import State
 
 Progress = Callable[[str, dict], None]
-
-
-class Stopped(Exception):
-    """The run was interrupted (Ctrl-C): stop between batches; what is saved stays saved."""
 
 
 @dataclass
@@ -68,10 +66,6 @@ def _content_of(path: Path) -> str:
         return ""
 
 
-def _place(flags) -> str:
-    return "cur" if "\\Seen" in flags else "new"
-
-
 class FolderJob:
     def __init__(self, acc: Account, state: State, s: ImapSession, info: FolderInfo, path: Path,
                  res: FolderResult, progress: Progress, stop: threading.Event, opts: Options) -> None:
@@ -98,16 +92,11 @@ class FolderJob:
         self.scan_stamp = local_stamp(self.path)  # before the scan: see stamp_in_step
         self.on_disk = self.mf.scan()
         self.known_keys = state.keys(self.fid)
-        stranded = (self.mf.tmp_keys() & self.known_keys) - self.on_disk.keys()
-        if stranded and not self.opts.dry_run:
-            flags_by_key = state.flags_by_key(self.fid)
-            for key in stranded:
-                fl, kw = flags_by_key.get(key, (frozenset(), frozenset()))
-                self.on_disk[key] = (_place(fl), self.mf.publish(key, fl, kw))
-            self.mf.sync_dirs()
         if not self.opts.dry_run:
-            # also removes a tmp link left by a kill inside publish()
-            self.mf.clean_tmp(keep=self.known_keys - self.on_disk.keys())
+            # finish deliveries a kill interrupted (delivery.py)
+            flags_by_key = state.flags_by_key(self.fid)
+            recover(self.mf, self.known_keys, self.on_disk,
+                    lambda key: flags_by_key.get(key, (frozenset(), frozenset())))
 
     def status_unchanged(self) -> bool:
         if self._unchanged is not None:
@@ -257,6 +246,7 @@ class FolderJob:
             if self.stop.is_set():
                 raise Stopped()
             staged: list[tuple[str, Record, float | None]] = []
+            delivery = Delivery(mf)
             rebinds: list[tuple[int | None, int, frozenset[str], frozenset[str], Record]] = []
             got = 0
             listed = max((sizes.get(u, 0) for u in batch), default=0)
@@ -290,18 +280,26 @@ class FolderJob:
                         continue
                     mtime = when.timestamp() if when is not None else None
                     body.finish(mtime)
+                    delivery.add(body.key, fl, kw)
                     staged.append((body.key, Record(uid=uid, key=body.key, flags=fl, keywords=kw, size=body.size,
                                                     sha256=sha, message_id=message_id(body.head)), mtime))
                     got += body.size
                     self.progress("message", {"folder": self.info.name, "bytes": body.size})
             except BaseException:
-                for key, _, _ in staged:
-                    mf.discard(key)
+                delivery.discard()
                 raise
             unanswered.extend(u for u in batch if u in asked)
-            mf.sync([k for k, _, _ in staged])
-            crashpoint.hit("staged")
-            with state.transaction() as tx:
+            # files bound to a server message take its flags first: renames durable before the
+            # state records them (as everywhere)
+            retagged = False
+            for _rid, _uid, fl, kw, rec in rebinds:
+                if fl != rec.flags or kw != rec.keywords:
+                    self._retag(rec.key, fl, kw)
+                    retagged = True
+            if retagged:
+                mf.sync_dirs()
+
+            def record(tx) -> None:
                 for _key, rec, mtime in staged:
                     tx.add(fid, validity, rec, mtime)
                 for rid, uid, fl, kw, rec in rebinds:
@@ -310,14 +308,8 @@ class FolderJob:
                                                      sha256=rec.sha256, message_id=rec.message_id), None)
                     else:
                         tx.rebind(rid, validity, uid, fl, kw)
-            crashpoint.hit("recorded")
-            for key, rec, _ in staged:
-                self.on_disk[key] = (_place(rec.flags), mf.publish(key, rec.flags, rec.keywords))
-                crashpoint.hit("published")
-            for rid, uid, fl, kw, rec in rebinds:
-                if fl != rec.flags or kw != rec.keywords:
-                    self._retag(rec.key, fl, kw)
-            mf.sync_dirs()
+
+            delivery.commit(state, record, self.on_disk)
             self.res.new += sum(1 for _, r, _ in staged if r.uid not in refetch)
             self.res.refetched += sum(1 for _, r, _ in staged if r.uid in refetch)
             self.res.rebound += len(rebinds)

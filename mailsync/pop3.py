@@ -14,15 +14,17 @@ import threading
 import time
 from collections.abc import Callable
 
-from mailsync import crashpoint, login
+from mailsync import login
 from mailsync.config import Account
+from mailsync.delivery import Delivery, recover
 from mailsync.engine import RunResult
-from mailsync.errors import ConnectionLost, ServerError
+from mailsync.errors import ConnectionLost, ServerError, SessionError
 from mailsync.identity import Identity, content_sha256, may_differ
 from mailsync.imap import message_id
 from mailsync.maildir import MaildirFolder, make_dirs
 from mailsync.model import FolderResult, Outcome
 from mailsync.plan import batches
+from mailsync.runner import Fresh, Stopped, with_session
 from mailsync.state import RunLock, State
 
 Progress = Callable[[str, dict], None]
@@ -130,28 +132,30 @@ def download(acc: Account, password: str, *, progress: Progress = lambda e, d: N
     with RunLock(acc.maildir):
         state = State(acc.maildir)
         try:
-            for attempt in range(acc.retries + 1):
-                try:
-                    _download(acc, password, state, res, progress, stop)
-                    res.succeed()  # (an earlier attempt may have lost its connection)
-                    break
-                except ServerError as exc:  # a refused command: retrying will not help
-                    res.fail(Outcome.REFUSED, str(exc))
-                    break
-                except ConnectionLost as exc:
-                    res.fail(Outcome.LOST, str(exc))
-                    if attempt == acc.retries:
-                        break
-                    delay = min(2 ** attempt, 30)
-                    progress("retry", {"folder": "INBOX", "error": str(exc), "delay": delay})
-                    time.sleep(delay)
+            def work(s: Pop3Session) -> None:
+                _download(acc, s, state, res, progress, stop)
+
+            def on_retry(err: SessionError, delay: int) -> None:
+                res.fail(Outcome.LOST, str(err))
+                progress("retry", {"folder": "INBOX", "error": str(err), "delay": delay})
+
+            # each attempt on a new connection; one that ends without QUIT commits no DELE
+            with_session(Fresh(lambda: Pop3Session(acc, password)), work, retries=acc.retries, stop=stop,
+                         on_retry=on_retry)
+            res.succeed()  # (an earlier attempt may have lost its connection)
+        except ConnectionLost as exc:
+            res.fail(Outcome.LOST, str(exc))
+        except SessionError as exc:  # a refused command: retrying will not help
+            res.fail(Outcome.REFUSED, str(exc))
+        except Stopped:
+            raise KeyboardInterrupt from None
         finally:
             state.close()
     res.seconds = result.seconds = time.monotonic() - started
     return result
 
 
-def _download(acc: Account, password: str, state: State, res: FolderResult, progress: Progress,
+def _download(acc: Account, s: Pop3Session, state: State, res: FolderResult, progress: Progress,
               stop: threading.Event) -> None:
     t0 = time.monotonic()
     mf = MaildirFolder(acc.maildir)
@@ -159,135 +163,119 @@ def _download(acc: Account, password: str, state: State, res: FolderResult, prog
     on_disk = mf.scan()
     known = state.pop3_records()                    # uidl -> row
     known_keys = {r["key"] for r in known.values()}
-    stranded = (mf.tmp_keys() & known_keys) - on_disk.keys()
-    for key in stranded:
-        on_disk[key] = ("new", mf.publish(key, frozenset()))
-    if stranded:
-        mf.sync_dirs()
-    mf.clean_tmp(keep=known_keys - on_disk.keys())
+    recover(mf, known_keys, on_disk, lambda key: (frozenset(), frozenset()))  # (delivery.py)
 
-    s = Pop3Session(acc, password)
-    committed = False
-    try:
-        sizes = s.listing()
-        ids, has_uidl = s.uidls(sizes)
-        if not has_uidl:
-            res.notices.append("the server has no UIDL; messages are identified by a hash of their "
-                               "headers and size")
-        present = set(ids.values())
-        todo: list[int] = []
-        refetch: set[int] = set()
-        too_big = 0
-        for n in sorted(ids):
-            uidl = ids[n]
-            row = known.get(uidl)
-            if row is not None and row["key"] in on_disk:
-                continue
-            if acc.max_message_size and sizes.get(n, 0) > acc.max_message_size:
-                too_big += 1
-                continue
-            todo.append(n)
-            if row is not None:
-                refetch.add(n)
-        if too_big:
-            res.notices.append(f"{too_big} messages larger than max_message_size ({acc.max_message_size} bytes) "
-                               "were not downloaded; raise max_message_size to get them")
-            res.skipped_too_big = too_big
-        # identities that vanished (a UIDL format change, as Dovecot's when UIDVALIDITY changes):
-        # their files are re-bound by content instead of stored twice
-        orphans: dict[str, list[str]] = {}
-        for uidl, row in known.items():
-            if uidl not in present and row["key"] in on_disk:
-                orphans.setdefault(row["sha256"], []).append(uidl)
-        # files no state row names (a lost state file, a Maildir filled by another tool): adopted
-        # when a download has the same bytes, instead of stored twice
-        # (by exact bytes, or by content: the same message with LF line ends or headers another
-        # tool added, see identity.py)
-        strays: dict[str, list[tuple[str, Identity]]] = {}
-        taken: set[str] = set()
-        if todo:
-            for key in on_disk.keys() - known_keys:
-                try:
-                    ident = Identity.of(mf.read(on_disk[key]))
-                except OSError:
-                    continue
-                strays.setdefault(ident.sha256, []).append((key, ident))
-                if ident.content != ident.sha256:
-                    strays.setdefault(ident.content, []).append((key, ident))
-        rebound: set[str] = set()
-        progress("folder_start", {"folder": "INBOX", "messages": len(todo),
-                                  "bytes": sum(sizes.get(n, 0) for n in todo)})
-        for batch in batches(sizes, todo, acc.batch_bytes):
-            if stop.is_set():
-                raise KeyboardInterrupt
-            staged, rebinds, adopted, got = [], [], [], 0
+    sizes = s.listing()
+    ids, has_uidl = s.uidls(sizes)
+    if not has_uidl:
+        res.notices.append("the server has no UIDL; messages are identified by a hash of their "
+                           "headers and size")
+    present = set(ids.values())
+    todo: list[int] = []
+    refetch: set[int] = set()
+    too_big = 0
+    for n in sorted(ids):
+        uidl = ids[n]
+        row = known.get(uidl)
+        if row is not None and row["key"] in on_disk:
+            continue
+        if acc.max_message_size and sizes.get(n, 0) > acc.max_message_size:
+            too_big += 1
+            continue
+        todo.append(n)
+        if row is not None:
+            refetch.add(n)
+    if too_big:
+        res.notices.append(f"{too_big} messages larger than max_message_size ({acc.max_message_size} bytes) "
+                           "were not downloaded; raise max_message_size to get them")
+        res.skipped_too_big = too_big
+    # identities that vanished (a UIDL format change, as Dovecot's when UIDVALIDITY changes):
+    # their files are re-bound by content instead of stored twice
+    orphans: dict[str, list[str]] = {}
+    for uidl, row in known.items():
+        if uidl not in present and row["key"] in on_disk:
+            orphans.setdefault(row["sha256"], []).append(uidl)
+    # files no state row names (a lost state file, a Maildir filled by another tool): adopted
+    # when a download has the same bytes, instead of stored twice
+    # (by exact bytes, or by content: the same message with LF line ends or headers another
+    # tool added, see identity.py)
+    strays: dict[str, list[tuple[str, Identity]]] = {}
+    taken: set[str] = set()
+    if todo:
+        for key in on_disk.keys() - known_keys:
             try:
-                for n in batch:
-                    body = s.retr(n)
-                    sha = hashlib.sha256(body).hexdigest()
-                    if orphans.get(sha) and n not in refetch:
-                        rebinds.append((orphans[sha].pop(), ids[n]))
-                        continue
-                    stray = _take(strays, sha, taken)
-                    if stray is None and strays and may_differ(body[:65536]):
-                        stray = _take(strays, content_sha256(body), taken)
-                    if stray is not None:
-                        key, ident = stray  # the state describes the file as it is
-                        adopted.append((key, ids[n], ident.size, ident.sha256, ident.message_id))
-                        continue
-                    key = mf.stage(body, None)
-                    staged.append((key, ids[n], body, sha))
-                    got += len(body)
-                    progress("message", {"folder": "INBOX", "bytes": len(body)})
-            except BaseException:
-                for key, *_ in staged:
-                    mf.discard(key)
-                raise
-            mf.sync([k for k, *_ in staged])
-            crashpoint.hit("staged")
-            now = time.time()
+                ident = Identity.of(mf.read(on_disk[key]))
+            except OSError:
+                continue
+            strays.setdefault(ident.sha256, []).append((key, ident))
+            if ident.content != ident.sha256:
+                strays.setdefault(ident.content, []).append((key, ident))
+    rebound: set[str] = set()
+    progress("folder_start", {"folder": "INBOX", "messages": len(todo),
+                              "bytes": sum(sizes.get(n, 0) for n in todo)})
+    for batch in batches(sizes, todo, acc.batch_bytes):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        staged, rebinds, adopted, got = [], [], [], 0
+        delivery = Delivery(mf)
+        try:
+            for n in batch:
+                body = s.retr(n)
+                sha = hashlib.sha256(body).hexdigest()
+                if orphans.get(sha) and n not in refetch:
+                    rebinds.append((orphans[sha].pop(), ids[n]))
+                    continue
+                stray = _take(strays, sha, taken)
+                if stray is None and strays and may_differ(body[:65536]):
+                    stray = _take(strays, content_sha256(body), taken)
+                if stray is not None:
+                    key, ident = stray  # the state describes the file as it is
+                    adopted.append((key, ids[n], ident.size, ident.sha256, ident.message_id))
+                    continue
+                key = mf.stage(body, None)
+                delivery.add(key)
+                staged.append((key, ids[n], body, sha))
+                got += len(body)
+                progress("message", {"folder": "INBOX", "bytes": len(body)})
+        except BaseException:
+            delivery.discard()
+            raise
+        now = time.time()
+
+        def record(tx) -> None:
+            for key, uidl, body, sha in staged:
+                tx.pop3_add(uidl, key, len(body), sha, message_id(body), now)
+            for old, new in rebinds:
+                tx.pop3_rebind(old, new)
+                rebound.add(old)
+            for key, uidl, size, sha, mid in adopted:
+                tx.pop3_add(uidl, key, size, sha, mid, now)
+
+        delivery.commit(state, record, on_disk)
+        res.new += sum(1 for _k, uidl, _b, _s in staged if known.get(uidl) is None)
+        res.refetched += sum(1 for _k, uidl, _b, _s in staged if known.get(uidl) is not None)
+        res.rebound += len(rebinds) + len(adopted)
+        res.bytes += got
+    gone = [u for u, row in known.items() if u not in present and row["on_server"] and u not in rebound]
+    if gone:
+        with state.transaction() as tx:
+            tx.pop3_gone(gone)
+        res.gone += len(gone)
+    # leave on server, unless delete_after_days: only what is safely on disk, and old enough
+    if acc.delete_after_days is not None:
+        limit = time.time() - acc.delete_after_days * 86400
+        rows = state.pop3_records()
+        doomed = [(n, uidl) for n, uidl in sorted(ids.items())
+                  if uidl in rows and rows[uidl]["key"] in on_disk and rows[uidl]["first_seen"] <= limit]
+        for n, _uidl in doomed:
+            s.dele(n)
+        s.close(commit=True)  # QUIT: the server deletes now
+        if doomed:
             with state.transaction() as tx:
-                for key, uidl, body, sha in staged:
-                    tx.pop3_add(uidl, key, len(body), sha, message_id(body), now)
-                for old, new in rebinds:
-                    tx.pop3_rebind(old, new)
-                    rebound.add(old)
-                for key, uidl, size, sha, mid in adopted:
-                    tx.pop3_add(uidl, key, size, sha, mid, now)
-            crashpoint.hit("recorded")
-            for key, *_ in staged:
-                on_disk[key] = ("new", mf.publish(key, frozenset()))
-                crashpoint.hit("published")
-            mf.sync_dirs()
-            res.new += sum(1 for _k, uidl, _b, _s in staged if known.get(uidl) is None)
-            res.refetched += sum(1 for _k, uidl, _b, _s in staged if known.get(uidl) is not None)
-            res.rebound += len(rebinds) + len(adopted)
-            res.bytes += got
-        gone = [u for u, row in known.items() if u not in present and row["on_server"] and u not in rebound]
-        if gone:
-            with state.transaction() as tx:
-                tx.pop3_gone(gone)
-            res.gone += len(gone)
-        # leave on server, unless delete_after_days: only what is safely on disk, and old enough
-        if acc.delete_after_days is not None:
-            limit = time.time() - acc.delete_after_days * 86400
-            rows = state.pop3_records()
-            doomed = [(n, uidl) for n, uidl in sorted(ids.items())
-                      if uidl in rows and rows[uidl]["key"] in on_disk and rows[uidl]["first_seen"] <= limit]
-            for n, _uidl in doomed:
-                s.dele(n)
-            s.close(commit=True)  # QUIT: the server deletes now
-            committed = True
-            if doomed:
-                with state.transaction() as tx:
-                    tx.pop3_gone([u for _, u in doomed])
-                res.deleted_remote += len(doomed)
-        else:
-            s.close(commit=True)
-            committed = True
-    finally:
-        if not committed:
-            s.close()
+                tx.pop3_gone([u for _, u in doomed])
+            res.deleted_remote += len(doomed)
+    else:
+        s.close(commit=True)
     res.seconds = time.monotonic() - t0
 
 

@@ -41,18 +41,18 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mailsync.config import Account
-from mailsync.errors import ConfigError, ConnectionLost, MailsyncError, ServerError, SessionError, StorageError
+from mailsync.errors import ConfigError, MailsyncError, SessionError, StorageError
 from mailsync.folders import map_paths, selected
 from mailsync.identity import Identity, same
 from mailsync.imap import FolderInfo, ImapSession, crlf
 from mailsync.maildir import MaildirFolder
 from mailsync.model import Record
 from mailsync.plan import batches
+from mailsync.runner import Fresh, Pool, Stopped, fan_out, with_session
 from mailsync.state import DB_NAME, SCHEMA_VERSION, RunLock, State, _row_record
 
 Progress = Callable[[str, dict], None]
@@ -278,10 +278,6 @@ class _ReadOnlyState(State):
 
 # ----------------------------------------------------------------------------- checking one folder
 
-class _Stopped(Exception):
-    pass
-
-
 def _digest(path: Path) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
@@ -385,7 +381,7 @@ class _Checker:
             if rec.key not in on_disk or rec.key in local_sha or rec.key in unreadable:
                 continue
             if self.stop.is_set():
-                raise _Stopped()
+                raise Stopped()
             sub, name = on_disk[rec.key]
             uid = rec.uid if v == validity else None
             old = "" if v == validity else f" (UID {rec.uid} of the old UIDVALIDITY {v})"
@@ -497,7 +493,7 @@ class _Checker:
         vanished = 0
         for batch in batches(sizes, todo, self.acc.batch_bytes):
             if self.stop.is_set():
-                raise _Stopped()
+                raise Stopped()
             for uid, body, *_ in s.bodies(batch):
                 if body is None:
                     vanished += 1  # expunged by another client meanwhile
@@ -533,8 +529,7 @@ def verify(acc: Account, password: str, *, deep: bool = False, progress: Progres
                 report.seconds = time.monotonic() - started
                 return report
             session = ImapSession(acc, password)
-            from mailsync.engine import _Pool  # the engine's connection pool, shared sessions
-            pool = _Pool(acc, password, acc.connections, session)
+            pool = Pool(lambda: ImapSession(acc, password), acc.connections, session)
             try:
                 _run(acc, state, pool, session, report, deep, progress)
             finally:
@@ -567,17 +562,7 @@ def _run(acc: Account, state: _ReadOnlyState, pool, session: ImapSession, report
         progress("verify_folder_done", {"result": rep})
         return rep
 
-    if len(jobs) <= 1 or acc.connections == 1:
-        results = [one(j) for j in jobs]
-    else:
-        ex = ThreadPoolExecutor(max_workers=min(acc.connections, len(jobs)))
-        try:
-            results = list(ex.map(one, jobs))
-        except BaseException:
-            stop.set()  # Ctrl-C: workers stop at their next file or batch
-            ex.shutdown(wait=True, cancel_futures=True)
-            raise
-        ex.shutdown()
+    results = fan_out(jobs, one, acc.connections, stop)
     report.folders.extend(results)
     for name, why in collisions.items():
         report.folders.append(FolderReport(name=name, error=why))
@@ -591,40 +576,16 @@ def _run(acc: Account, state: _ReadOnlyState, pool, session: ImapSession, report
 
 
 def _with_retries(acc: Account, pool, checker: _Checker, job: _Folder, stop: threading.Event) -> FolderReport:
-    attempt = 0
-    while True:
-        if stop.is_set():
-            return FolderReport(name=job.name, error="interrupted")
-        try:
-            session = pool.take()
-        except SessionError as exc:  # no session could be opened: lost or refused, retried
-            err: SessionError = exc
-        except MailsyncError as exc:
-            return FolderReport(name=job.name, error=str(exc))
-        else:
-            try:
-                rep = checker.folder(job, session)
-                pool.give(session)
-                return rep
-            except _Stopped:
-                pool.give(session)
-                return FolderReport(name=job.name, error="interrupted")
-            except ServerError as exc:  # e.g. the folder was deleted meanwhile
-                pool.give(session)
-                return FolderReport(name=job.name, error=str(exc))
-            except ConnectionLost as exc:
-                pool.drop(session)
-                err = exc
-            except StorageError as exc:  # a folder directory that cannot be read
-                pool.give(session)
-                return FolderReport(name=job.name, error=str(exc))
-            except BaseException:
-                pool.give(session)
-                raise
-        attempt += 1
-        if attempt > acc.retries:
-            return FolderReport(name=job.name, error=str(err))
-        time.sleep(min(2 ** (attempt - 1), 30))
+    """One folder's check, retried on a lost connection (runner.with_session); every failure
+    becomes the folder's error."""
+    try:
+        return with_session(pool, lambda session: checker.folder(job, session), retries=acc.retries, stop=stop)
+    except Stopped:
+        return FolderReport(name=job.name, error="interrupted")
+    except (SessionError, StorageError) as exc:  # refused (e.g. the folder deleted meanwhile), lost,
+        return FolderReport(name=job.name, error=str(exc))  # or a folder that cannot be read
+    except MailsyncError as exc:  # no further session could be opened
+        return FolderReport(name=job.name, error=str(exc))
 
 
 # ----------------------------------------------------------------------------- POP3
@@ -658,27 +619,14 @@ def _run_pop3(acc: Account, password: str, state: _ReadOnlyState, report: Verify
     """One folder, INBOX, the Maildir root: the server's UIDLs and LIST sizes against the state's
     pop3 records and the files. A connection lost during the check is retried like a sync."""
     progress("folders", {"count": 1})
-    session = _pop3_session(acc, password)  # login, TLS, connect errors end the run (3, 4, 5)
-    attempt = 0
-    while True:
-        try:
-            if session is None:
-                session = _pop3_session(acc, password)
-            rep = _check_pop3(acc, session, state, deep, progress)
-            break
-        except ConnectionLost as exc:
-            rep = FolderReport(name="INBOX", path=".", error=str(exc))
-            if attempt >= acc.retries:
-                break
-        except (ServerError, StorageError) as exc:  # a refused command, an unreadable Maildir
-            rep = FolderReport(name="INBOX", path=".", error=str(exc))
-            break
-        finally:
-            if session is not None:
-                session.close()  # never commit=True: QUIT is what makes a POP3 server delete
-                session = None
-        attempt += 1
-        time.sleep(min(2 ** (attempt - 1), 30))
+    first = _pop3_session(acc, password)  # login, TLS, connect errors end the run (3, 4, 5)
+    # each attempt on a new connection, closed after it without QUIT (what makes a POP3 server delete)
+    pool = Fresh(lambda: _pop3_session(acc, password), first)
+    try:
+        rep = with_session(pool, lambda s: _check_pop3(acc, s, state, deep, progress), retries=acc.retries,
+                           stop=threading.Event())
+    except (SessionError, StorageError) as exc:  # lost too often, a refused command, an unreadable Maildir
+        rep = FolderReport(name="INBOX", path=".", error=str(exc))
     progress("verify_folder_done", {"result": rep})
     report.folders.append(rep)
 

@@ -213,6 +213,8 @@ def state_not_ahead(root: Path, server: dict[str, dict[int, tuple]] | None, poin
     server: folder -> UID -> ..., as MailUser.server_messages(), now."""
     db = sqlite3.connect(f"file:{root / '.mailsync.db'}?mode=ro", uri=True)
     try:
+        if not db.execute("SELECT 1 FROM sqlite_master WHERE name='folders'").fetchone():
+            return  # killed after the state file was made, before its schema was committed: empty
         folders = db.execute("SELECT id, name, path, uidnext FROM folders").fetchall()
         rows = db.execute("SELECT folder_id, uid, key FROM messages").fetchall()
         pop = [r[0] for r in db.execute("SELECT key FROM pop3")]

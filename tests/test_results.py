@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from mailsync import engine, pop3
+from mailsync import engine, pop3, runner
 from mailsync.errors import (
     ConnectionLost,
     MailsyncError,
@@ -284,6 +284,24 @@ def _pop3_account(tmp_path, retries=0):
     return SimpleNamespace(name="p", maildir=tmp_path / "Mail", retries=retries)
 
 
+class _Pop3Stub:
+    """Stands for a logged-in Pop3Session where _download itself is replaced."""
+
+    broken = False
+
+    def __init__(self, acc, pw) -> None:
+        pass
+
+    def close(self, commit: bool = False) -> None:
+        pass
+
+
+@pytest.fixture(autouse=True)
+def _no_pop3_server(monkeypatch):
+    monkeypatch.setattr(pop3, "Pop3Session", _Pop3Stub)
+    monkeypatch.setattr(runner, "backoff", lambda attempt: 0)
+
+
 def test_pop3_refused_command_is_refused_not_lost(monkeypatch, tmp_path):
     def refuse(*a):
         raise ServerError("127.0.0.1:995 refused a command: -ERR no")
@@ -301,7 +319,6 @@ def test_pop3_lost_then_ok_is_ok(monkeypatch, tmp_path):
             raise ConnectionLost("connection to 127.0.0.1:995 lost: EOF")
         res.skipped_too_big = 3
     monkeypatch.setattr(pop3, "_download", flaky)
-    monkeypatch.setattr(pop3.time, "sleep", lambda s: None)
     r = pop3.download(_pop3_account(tmp_path, retries=1), "pw", stop=threading.Event())
     f = r.folders[0]
     assert len(attempts) == 2 and f.outcome is Outcome.OK and f.error == "" and r.exit_code == 0

@@ -1,0 +1,204 @@
+"""The runner: what every command does around its work on one folder.
+
+- `Pool`: logged-in sessions shared by folder workers, at most `size` open; a session whose reply
+  was cut (`broken`) is never reused.
+- `with_session`: one folder's work on a session from the pool, retried with backoff (1, 2, 4 ...
+  30 s) when the connection is lost, at most `retries` times; a Ctrl-C (the `stop` event) ends a
+  wait at once. A server's refusal (ServerError) is not retried: asking again gets the same answer.
+- `fan_out`: folders over worker threads, results in input order; a Ctrl-C tells the workers to
+  stop at their next batch and waits for them, so nothing they use is closed under them.
+
+Sync (backup, mirror, two-way), POP3 download and verify run their folders through these; what a
+folder's outcome is (the typed FolderResult) stays the caller's business.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Protocol, TypeVar
+
+from mailsync.errors import ConnectionLost, MailsyncError, SessionError
+
+log = logging.getLogger("mailsync.runner")
+T = TypeVar("T")
+R = TypeVar("R")
+
+MAX_DELAY = 30
+
+
+class Stopped(Exception):
+    """The run was interrupted (Ctrl-C) or told to stop: stop between batches; what is saved stays
+    saved."""
+
+
+class Session(Protocol):
+    broken: bool
+
+    def close(self) -> None: ...
+
+
+def backoff(attempt: int) -> int:
+    """Seconds to wait before retry number `attempt` (1, 2, ...)."""
+    return min(2 ** (attempt - 1), MAX_DELAY)
+
+
+class Pool:
+    """Logged-in sessions shared by the folder workers; at most `size` are opened. If another one
+    cannot be opened (e.g. a provider's connection limit), the workers share those already open."""
+
+    def __init__(self, connect: Callable[[], Session], size: int, first: Session | None = None) -> None:
+        self._connect, self.size = connect, size
+        self._free: queue.SimpleQueue = queue.SimpleQueue()
+        self._all: list[Session] = []
+        self._opened = 0
+        self._lock = threading.Lock()
+        if first is not None:
+            self._free.put(first)
+            self._all.append(first)
+            self._opened = 1
+
+    def take(self) -> Session:
+        while True:
+            got = None
+            with self._lock:
+                try:
+                    got = self._free.get_nowait()
+                except queue.Empty:
+                    open_new = self._opened < self.size
+                    if open_new:
+                        self._opened += 1
+            if got is None and not open_new:
+                try:
+                    got = self._free.get(timeout=0.5)
+                except queue.Empty:
+                    continue  # a session may have been dropped meanwhile: maybe open one
+            if got is not None:
+                if not got.broken:
+                    return got
+                self.drop(got)  # out of step since it was given back: open another
+                continue
+            try:
+                s = self._connect()
+            except MailsyncError:
+                with self._lock:
+                    self._opened -= 1
+                    if self._opened == 0:
+                        raise
+                    self.size = self._opened
+                log.info("could not open another connection; continuing with %d", self.size)
+                continue
+            except BaseException:
+                with self._lock:
+                    self._opened -= 1
+                raise
+            with self._lock:
+                self._all.append(s)
+            return s
+
+    def give(self, s: Session) -> None:
+        if s.broken:  # a reply was cut or could not be read: never reuse it
+            self.drop(s)
+        else:
+            self._free.put(s)
+
+    def drop(self, s: Session) -> None:
+        s.close()
+        with self._lock:
+            self._opened -= 1
+            if s in self._all:
+                self._all.remove(s)
+
+    def close(self) -> None:
+        for s in list(self._all):
+            s.close()
+
+
+class Fresh:
+    """A pool that opens a new session for each attempt and closes it after (POP3: one folder,
+    one connection, and what ends the session, QUIT or not, is the work's own decision)."""
+
+    def __init__(self, connect: Callable[[], Session], first: Session | None = None) -> None:
+        self._connect, self._first = connect, first
+
+    def take(self) -> Session:
+        s, self._first = self._first, None
+        return s if s is not None else self._connect()
+
+    def give(self, s: Session) -> None:
+        s.close()
+
+    drop = give
+
+
+def with_session(pool: Pool | Fresh, work: Callable[[Session], T], *, retries: int, stop: threading.Event,
+                 on_retry: Callable[[SessionError, int], None] = lambda err, delay: None) -> T:
+    """work(session) on a session from pool, until it returns. A lost connection (or a session
+    that could not be opened, lost or refused) is retried `retries` times, after on_retry(error,
+    delay) and a wait of backoff(attempt) seconds; then its error is raised. Every other exception
+    is the caller's (the session is given back, or dropped if it broke). Raises Stopped if stop is
+    set before an attempt."""
+    attempt = 0
+    while True:
+        if stop.is_set():
+            raise Stopped()
+        try:
+            session = pool.take()
+        except SessionError as exc:  # no session could be opened: lost or refused, retried
+            err: SessionError = exc
+        else:
+            try:
+                out = work(session)
+            except ConnectionLost as exc:
+                pool.drop(session)
+                err = exc
+            except BaseException:
+                pool.give(session)
+                raise
+            else:
+                pool.give(session)
+                return out
+        attempt += 1
+        if attempt > retries:
+            raise err
+        delay = backoff(attempt)
+        log.info("%s; retrying in %ss", err, delay)
+        on_retry(err, delay)
+        stop.wait(delay)  # (a Ctrl-C meanwhile ends the wait: the next attempt raises Stopped)
+
+
+def fan_out(items: Iterable[T], fn: Callable[[T], R], workers: int, stop: threading.Event,
+            on_interrupt: Callable[[], None] = lambda: None) -> list[R]:
+    """fn over items, on up to `workers` threads (in this thread if one is enough), results in
+    the items' order. If this thread is interrupted (Ctrl-C), stop is set, on_interrupt runs, the
+    workers are waited for (they stop at their next batch), and the interruption is raised."""
+    items = list(items)
+    if len(items) <= 1 or workers <= 1:
+        return [fn(i) for i in items]
+    ex = ThreadPoolExecutor(max_workers=min(workers, len(items)))
+    try:
+        results = list(ex.map(fn, items))
+    except BaseException:
+        on_interrupt()
+        stop.set()
+        _join(ex)
+        raise
+    _join(ex)
+    return results
+
+
+def _join(ex: ThreadPoolExecutor) -> None:
+    """Wait for the workers to end. A Ctrl-C meanwhile does not cut the wait short: the state and
+    the connections are closed next, and must not be while a worker still uses them."""
+    interrupted = None
+    while True:
+        try:
+            ex.shutdown(wait=True, cancel_futures=True)
+            break
+        except KeyboardInterrupt as exc:
+            interrupted = exc
+    if interrupted is not None:
+        raise interrupted
