@@ -511,6 +511,9 @@ def _dry_run_text(r) -> str:
                 for u, a, rm in p.push[:5]) + (" ..." if len(p.push) > 5 else "") + "]")
         if p.pull:
             lines.append(f"    set flags locally: {len(p.pull)}")
+        if p.pair:
+            lines.append(f"    match to local files (the same message, nothing transferred): {len(p.pair)}  ["
+                         + _short([f"UID {u} = {k}" for u, k in p.pair]) + "]")
     return "\n".join(lines)
 
 

@@ -77,6 +77,7 @@ class FolderJob:
         self.push_after: list[tuple[int, frozenset[str]]] = []  # (uid, full flag set) to store
         self.too_big: list[int] = []                            # new, over max_message_size
         self._idents: dict[str, Identity] = {}                   # key -> identity of its file, once read
+        self.hint_sizes: dict[int, int] = {}                    # UID -> size, of messages hint_pairs paired
 
     # -- common steps -------------------------------------------------------------------
 
@@ -391,8 +392,9 @@ class FolderJob:
         # adopted when a downloaded message has the same bytes, instead of stored twice
         adopt = (self.on_disk.keys() - self.known_keys) if fetch else set()
         if adopt:  # unambiguous (Message-ID, size) pairs are bound without a download
-            uids, keys = self.bind_by_hint(fetch, adopt, None)
-            fetch, adopt = [u for u in fetch if u not in uids], adopt - keys
+            pairs = self.hint_pairs(fetch, adopt)
+            self.bind(pairs, None)
+            fetch, adopt = [u for u in fetch if u not in pairs], adopt - set(pairs.values())
         self.download(fetch + list(plan.refetch), set(plan.refetch), adopt)
         self.save_counters()
 
@@ -441,8 +443,9 @@ class FolderJob:
         fetch = self.skip_too_big(self.rebind_known_mail(list(plan.fetch)))
         adopt = (self.on_disk.keys() - self.known_keys) if fetch else set()
         if adopt:
-            uids, keys = self.bind_by_hint(fetch, adopt, None)
-            fetch, adopt = [u for u in fetch if u not in uids], adopt - keys
+            pairs = self.hint_pairs(fetch, adopt)
+            self.bind(pairs, None)
+            fetch, adopt = [u for u in fetch if u not in pairs], adopt - set(pairs.values())
         self.download(fetch + list(plan.refetch), set(plan.refetch), adopt)
         if gone:
             for uid in sorted(gone):
@@ -524,30 +527,32 @@ class FolderJob:
             self.res.plan = plan
             raise SafetyAbort(f"{why}; nothing was changed in this folder",
                               hint="check what happened, then run with --force if it is right")
-        plan = self.pair_new(plan, archived, local_flags)
+        plan = self.pair_new(plan, archived)
         if self.opts.dry_run:
             plan = self.preview_content_pairs(plan, archived)
         self.res.plan = plan
         self.res.conflicts.extend(plan.conflicts)
         if self.opts.dry_run:
+            self.res.rebound += len(plan.pair)
             return
-        self.apply(plan, base, adopt=(set(plan.upload) | archived))
+        self.apply(plan, base, adopt=(set(plan.upload) | archived), local_flags=local_flags)
         self.save_counters()
 
-    def pair_new(self, plan, archived: set[str], local_flags: dict[str, frozenset[str]]):
+    def pair_new(self, plan, archived: set[str]):
         """New on the server and new (or archived) locally may be the same message: an upload a
         kill interrupted, a lost state, a UIDVALIDITY change, a Maildir another tool wrote.
-        Unambiguous (Message-ID, size) pairs are bound now, without a transfer; the rest are
-        matched by content while downloading (see download). Bound pairs keep the union of both
-        sides' flags."""
+        Unambiguous (Message-ID, size) pairs go into the plan (plan.pair: bound by apply, without
+        a transfer) instead of a download and an upload; the rest are matched by content while
+        downloading (see download). Bound pairs keep the union of both sides' flags."""
         cands = set(plan.upload) | archived
         if not cands or not plan.fetch:
             return plan
-        uids, keys = self.bind_by_hint(list(plan.fetch), cands, local_flags)
-        if not uids:
+        pairs = self.hint_pairs(list(plan.fetch), cands)
+        if not pairs:
             return plan
-        return dataclasses.replace(plan, fetch=tuple(u for u in plan.fetch if u not in uids),
-                                   upload=tuple(k for k in plan.upload if k not in keys))
+        return dataclasses.replace(plan, fetch=tuple(u for u in plan.fetch if u not in pairs),
+                                   upload=tuple(k for k in plan.upload if k not in pairs.values()),
+                                   pair=tuple(sorted(pairs.items())))
 
     def preview_content_pairs(self, plan, archived: set[str]):
         """Dry run: the pairs download() would find by content (a local file that is a server
@@ -555,7 +560,7 @@ class FolderJob:
         so the dry run shows what the run will do. Only server messages that may match (the
         Message-ID of a candidate file, or the size of one of its forms) are read, with
         BODY.PEEK; nothing is written."""
-        cands = (set(plan.upload) | archived) - self.adopted
+        cands = (set(plan.upload) | archived) - {k for _u, k in plan.pair}
         if not cands or not plan.fetch:
             return plan
         m = Matcher()
@@ -575,10 +580,10 @@ class FolderJob:
                     pairs[uid] = hit[0]
         if not pairs:
             return plan
-        self.res.rebound += len(pairs)
         keys = set(pairs.values())
         return dataclasses.replace(plan, fetch=tuple(u for u in plan.fetch if u not in pairs),
-                                   upload=tuple(k for k in plan.upload if k not in keys))
+                                   upload=tuple(k for k in plan.upload if k not in keys),
+                                   pair=plan.pair + tuple(sorted(pairs.items())))
 
     def _identity(self, key: str) -> Identity | None:
         """The identity of a local file, read once a run (a message file's bytes never change;
@@ -590,41 +595,49 @@ class FolderJob:
                 return None  # gone meanwhile (a mail client): not a candidate
         return self._idents[key]
 
-    def bind_by_hint(self, fetch: list[int], cands: set[str],
-                     local_flags: dict[str, frozenset[str]] | None) -> tuple[set[int], set[str]]:
-        """Bind local files (cands) to new server messages (fetch) by unambiguous (Message-ID,
-        size) pairs, sizes of the file's forms allowed for (identity.Matcher), without a
-        download. local_flags given (two-way): both sides' flags are kept; else the server's.
-        Returns the UIDs and keys bound (in a dry run: those that would be)."""
+    def hint_pairs(self, fetch: list[int], cands: set[str]) -> dict[int, str]:
+        """Local files (cands) that are new server messages (fetch) by unambiguous (Message-ID,
+        size) pairs, sizes of the file's forms allowed for (identity.Matcher): UID -> key. Reads
+        the server's Message-IDs and sizes; changes nothing."""
         m = Matcher()
         for k in cands:
             ident = self._identity(k)
             if ident is not None and ident.message_id:
                 m.add(k, ident)
         if not len(m):
-            return set(), set()
+            return {}
         meta = self.s.message_ids(fetch)
         pairs = m.pair_by_hint(meta)
+        self.hint_sizes.update((uid, meta[uid][0]) for uid in pairs)
+        return pairs
+
+    def bind(self, pairs: dict[int, str], local_flags: dict[str, frozenset[str]] | None) -> None:
+        """Bind each local file to its server message (hint_pairs): the file takes the flags
+        (local_flags given, two-way: both sides' flags, the server's updated after the downloads;
+        else the server's), then the state records the pair."""
         if not pairs:
-            return set(), set()
-        if not self.opts.dry_run:
-            with self.state.transaction() as tx:
-                for uid, key in pairs.items():
-                    fl, kw = self.flags.get(uid, (frozenset(), frozenset()))
-                    if local_flags is not None:
-                        merged = fl | kw | local_flags.get(key, frozenset())
-                        if merged != fl | kw:
-                            self.push_after.append((uid, merged))
-                        fl, kw = split_flags(merged)
-                    self._retag(key, fl, kw)
-                    tx.forget_key(self.fid, key)
-                    ident = m.ident[key]
-                    tx.add(self.fid, self.validity, Record(uid=uid, key=key, flags=fl, keywords=kw, size=meta[uid][0],
-                                                           sha256=ident.sha256, message_id=ident.message_id), None)
-                self.mf.sync_dirs()  # renames durable before the state records them
+            return
+        merged_flags = {}
+        for uid, key in pairs.items():
+            fl, kw = self.flags.get(uid, (frozenset(), frozenset()))
+            if local_flags is not None:
+                merged = fl | kw | local_flags.get(key, frozenset())
+                if merged != fl | kw:
+                    self.push_after.append((uid, merged))
+                fl, kw = split_flags(merged)
+            self._retag(key, fl, kw)
+            merged_flags[uid] = (fl, kw)
+        self.mf.sync_dirs()  # renames durable before the state records them
+        with self.state.transaction() as tx:
+            for uid, key in pairs.items():
+                fl, kw = merged_flags[uid]
+                ident = self._identity(key)
+                tx.forget_key(self.fid, key)
+                tx.add(self.fid, self.validity, Record(uid=uid, key=key, flags=fl, keywords=kw,
+                                                       size=self.hint_sizes[uid], sha256=ident.sha256,
+                                                       message_id=ident.message_id), None)
         self.res.rebound += len(pairs)
         self.adopted |= set(pairs.values())
-        return set(pairs), set(pairs.values())
 
     def known_keys_on_server(self) -> set[str]:
         if self.fstate["uidvalidity"] is None:
@@ -637,8 +650,10 @@ class FolderJob:
         return {r.key: r.flags | r.keywords for r in self.state.records(self.fid, self.fstate["uidvalidity"]).values()
                 if r.on_server}
 
-    def apply(self, plan, base: dict[int, Record], adopt: set[str]) -> None:
+    def apply(self, plan, base: dict[int, Record], adopt: set[str], local_flags: dict[str, frozenset[str]]) -> None:
         state, fid, validity, mf = self.state, self.fid, self.validity, self.mf
+        # 0. local files that are new server messages (plan.pair): bound, nothing transferred
+        self.bind(dict(plan.pair), local_flags)
         unchanged = self.sel.get("highestmodseq") if self.s.condstore else None
         # 1. flags first: to the server (refused where it changed meanwhile), then locally.
         #    One STORE FLAGS per message with its whole new set, so adding one flag and removing

@@ -226,12 +226,13 @@ class SyncPlan:
     forget: tuple[int, ...] = ()               # gone on both sides -> drop from state
     refetch: tuple[int, ...] = ()              # removed locally but changed on the server: keep it
     reupload: tuple[int, ...] = ()             # expunged on the server but changed locally: keep it
+    pair: tuple[tuple[int, str], ...] = ()     # (uid, key) new on both sides, the same message: bind
     conflicts: tuple[str, ...] = ()
 
     @property
     def empty(self) -> bool:
         return not any((self.fetch, self.upload, self.push, self.pull, self.record, self.delete_local,
-                        self.delete_remote, self.forget, self.refetch, self.reupload))
+                        self.delete_remote, self.forget, self.refetch, self.reupload, self.pair))
 
     @property
     def deletions(self) -> int:

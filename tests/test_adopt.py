@@ -219,6 +219,9 @@ def plan_lines(stdout: str) -> list[str]:
     return lines[1:]
 
 
+MATCH = "match to local files (the same message, nothing transferred)"  # a dry run's line
+
+
 def counted(lines: list[str]) -> dict[str, int]:
     """'download from server: 7 [...]' lines of a plan, added up over the folders."""
     out: Counter = Counter()
@@ -327,8 +330,9 @@ def test_backup_adopts_the_maildir(adopted):
 
 
 def test_sync_adopts_the_maildir(adopted):
-    """mode sync on the tool's Maildir: the dry run plans no upload and no download, the real
-    run changes nothing on the server and stores nothing twice, and a second run does nothing."""
+    """mode sync on the tool's Maildir: the dry run plans to match every message to its file and
+    nothing else (no upload, no download), the real run changes nothing on the server and stores
+    nothing twice, and a second run does nothing."""
     a = adopted
     a.configure("sync")
     server = a.user.server_messages()
@@ -340,9 +344,10 @@ def test_sync_adopts_the_maildir(adopted):
     assert all_files(a.mail) == before and a.user.server_messages() == server, "the dry run changed something"
     problems = []
     plan = plan_lines(r.stdout)
-    if plan:  # reported with what the real run then does
-        problems.append(f"the dry run plans {counted(plan) or plan} for a Maildir that already holds all "
-                        f"{n} messages:\n" + "\n".join(plan) + "\n")
+    planned = counted(plan)
+    if set(planned) != {MATCH} or planned[MATCH] != n:  # reported with what the real run then does
+        problems.append(f"the dry run plans {planned or plan} for a Maildir that already holds all "
+                        f"{n} messages (it should match each to its file, nothing else):\n" + "\n".join(plan) + "\n")
 
     s = summary(a.run("--json"))
     t = s["totals"]
