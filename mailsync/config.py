@@ -48,10 +48,48 @@ class Account:
     starttls: bool = False                  # plaintext port, then STARTTLS (required)
     folder_map: dict | None = None          # migrate: source folder -> destination folder
     max_bytes_per_second: int | None = None  # migrate/restore: upload rate limit
+    auth: str = "password"                   # "password" | "oauth2"
+    oauth2: OAuth2 | None = None             # [accounts.NAME.oauth2], with auth = "oauth2"
     source: Path | None = None  # the config file it came from
 
     def __repr__(self) -> str:  # never show secrets, even by accident
         return f"Account(name={self.name!r}, host={self.host!r}, port={self.port}, protocol={self.protocol!r})"
+
+
+@dataclass(frozen=True)
+class OAuth2:
+    """[accounts.NAME.oauth2]: how to get access tokens. None of these is a secret (the client
+    secret comes from a command; tokens live in the token store, see oauth2.py)."""
+
+    provider: str = "custom"                 # "microsoft" | "google" | "custom"
+    client_id: str = ""
+    client_secret_command: str | list[str] | None = None
+    tenant: str = "common"                   # microsoft: common | organizations | consumers | a tenant id
+    flow: str = "loopback"                   # "loopback" | "device" | "paste"
+    mechanism: str = "auto"                  # "auto" | "xoauth2" | "oauthbearer"
+    scopes: tuple[str, ...] | None = None    # None: the provider's defaults for the protocol
+    authorize_url: str | None = None
+    token_url: str | None = None
+    device_url: str | None = None
+    token_command: str | list[str] | None = None  # prints an access token; instead of all the above
+
+
+OAUTH2_PROVIDERS = ("microsoft", "google", "custom")
+OAUTH2_FLOWS = ("loopback", "device", "paste")
+OAUTH2_MECHANISMS = ("auto", "xoauth2", "oauthbearer")
+_OAUTH2_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
+    "provider": ((str,), '"microsoft", "google" or "custom"'),
+    "client_id": ((str,), "a string"),
+    "client_secret_command": ((str, list), "a command (string or list of strings)"),
+    "tenant": ((str,), '"common", "organizations", "consumers" or a tenant id'),
+    "flow": ((str,), '"loopback", "device" or "paste"'),
+    "mechanism": ((str,), '"auto", "xoauth2" or "oauthbearer"'),
+    "scopes": ((list,), "a list of scope strings"),
+    "authorize_url": ((str,), "an https:// URL"),
+    "token_url": ((str,), "an https:// URL"),
+    "device_url": ((str,), "an https:// URL"),
+    "token_command": ((str, list), "a command (string or list of strings)"),
+}
 
 
 @dataclass(frozen=True)
@@ -98,6 +136,8 @@ _KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "folder_map": ((dict,), 'a table like { "Sent Items" = "Sent" }'),
     "starttls": ((bool,), "true or false"),
     "max_bytes_per_second": ((int,), "a number of bytes per second"),
+    "auth": ((str,), '"password" or "oauth2"'),
+    "oauth2": ((dict,), "a table [accounts.NAME.oauth2]"),
 }
 
 
@@ -249,6 +289,9 @@ def _account(name: str, sec, path: Path, warnings: list[str]) -> Account:
     if mbps is not None and mbps < 1024:
         raise ConfigError(f"{where}: 'max_bytes_per_second' must be at least 1024")
 
+    auth = choice("auth", ("password", "oauth2"), "password")
+    oauth2 = _oauth2(where, sec.get("oauth2"), auth, sources)
+
     return Account(
         name=name,
         host=need("host"),
@@ -277,5 +320,69 @@ def _account(name: str, sec, path: Path, warnings: list[str]) -> Account:
         starttls=starttls,
         folder_map=dict(fmap) if fmap else None,
         max_bytes_per_second=mbps,
+        auth=auth,
+        oauth2=oauth2,
         source=path,
     )
+
+
+def _oauth2(where: str, sec: dict | None, auth: str, password_keys: list[str]) -> OAuth2 | None:
+    """The [accounts.NAME.oauth2] table, checked; None for a password account."""
+    if auth != "oauth2":
+        if sec is not None:
+            raise ConfigError(f"{where}: an [oauth2] table is given but auth is \"{auth}\"",
+                              hint='set auth = "oauth2", or remove the table')
+        return None
+    where = f"{where[:-1]}.oauth2]"
+    if password_keys:
+        raise ConfigError(f"{where[:-8]}]: auth = \"oauth2\" takes no {password_keys[0]}",
+                          hint="remove it: the login uses access tokens only")
+    if sec is None:
+        raise ConfigError(f"{where} is missing", hint="add it with at least provider and client_id, or token_command "
+                          "(see docs/oauth2.md)")
+    for key, value in sec.items():
+        if key not in _OAUTH2_KEYS:
+            close = difflib.get_close_matches(key, list(_OAUTH2_KEYS), n=1)
+            raise ConfigError(f"{where}: unknown key '{key}'",
+                              hint=f"did you mean '{close[0]}'?" if close else "see docs/oauth2.md for the keys")
+        types, desc = _OAUTH2_KEYS[key]
+        if isinstance(value, bool) or not isinstance(value, types):
+            raise ConfigError(f"{where}: '{key}' must be {desc}, not {type(value).__name__} {value!r}")
+    for key, allowed in (("provider", OAUTH2_PROVIDERS), ("flow", OAUTH2_FLOWS), ("mechanism", OAUTH2_MECHANISMS)):
+        if key in sec and sec[key] not in allowed:
+            raise ConfigError(f"{where}: '{key}' is {sec[key]!r}; allowed: {', '.join(allowed)}")
+    for key in ("client_secret_command", "token_command"):
+        v = sec.get(key)
+        if isinstance(v, list) and (not v or not all(isinstance(a, str) for a in v)):
+            raise ConfigError(f"{where}: '{key}' list must hold strings")
+    scopes = sec.get("scopes")
+    if scopes is not None and (not scopes or not all(isinstance(x, str) and x for x in scopes)):
+        raise ConfigError(f"{where}: 'scopes' must be a list of scope strings")
+    provider = sec.get("provider", "custom")
+    if "token_command" not in sec:
+        if not sec.get("client_id"):
+            raise ConfigError(f"{where}: missing key 'client_id'",
+                              hint="register an app with the provider (docs/oauth2.md), or give token_command")
+        if provider == "custom" and not sec.get("token_url"):
+            raise ConfigError(f"{where}: provider \"custom\" needs token_url (and authorize_url or device_url)")
+    for key in ("authorize_url", "token_url", "device_url"):
+        url = sec.get(key)
+        if url is not None and not _endpoint_ok(url):
+            raise ConfigError(f"{where}: '{key}' must be an https:// URL (http:// only for 127.0.0.1, ::1 or "
+                              f"localhost), not {url!r}")
+    return OAuth2(provider=provider, client_id=sec.get("client_id", ""),
+                  client_secret_command=sec.get("client_secret_command"), tenant=sec.get("tenant", "common"),
+                  flow=sec.get("flow", "loopback"), mechanism=sec.get("mechanism", "auto"),
+                  scopes=tuple(scopes) if scopes else None, authorize_url=sec.get("authorize_url"),
+                  token_url=sec.get("token_url"), device_url=sec.get("device_url"),
+                  token_command=sec.get("token_command"))
+
+
+def _endpoint_ok(url: str) -> bool:
+    """HTTPS, or plain HTTP to a loopback address (tests, a local proxy)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme == "https" and parts.hostname:
+        return True
+    return parts.scheme == "http" and parts.hostname in ("127.0.0.1", "::1", "localhost")
