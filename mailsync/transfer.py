@@ -6,6 +6,12 @@ killed after its APPEND, or by hand) is skipped; messages without a Message-ID a
 content among those of the same size. `migrate` also keeps a small state (source
 UIDVALIDITY/UID -> destination UID) so a re-run skips known messages quickly, unless their copy is
 gone from the destination, and updates flags (the source wins).
+
+Both read their source through the store interface (`restore` a MaildirStore, `migrate` an
+ImapStore) and fill a folder with one loop, copy_messages(). The destination stays `Destination`
+over an ImapSession: MULTIAPPEND, the (Message-ID, size) index, throttling and --delete's
+expunge (which leaves the copies marked \\Deleted when it cannot expunge them alone) are not in
+the store interface.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 
 from mailsync import crashpoint
@@ -25,9 +31,10 @@ from mailsync.errors import PartialFailure, SafetyAbort, ServerError, StorageErr
 from mailsync.folders import selected
 from mailsync.identity import content_sha256
 from mailsync.imap import FolderInfo, ImapSession, crlf, message_id
-from mailsync.localfolders import local_folders
-from mailsync.maildir import MaildirFolder
 from mailsync.plan import batches
+from mailsync.stores.base import Folder, Id, NoSuchFolder, Snapshot
+from mailsync.stores.imap import ImapStore
+from mailsync.stores.maildir import MaildirStore
 
 Progress = Callable[[str, dict], None]
 
@@ -41,7 +48,22 @@ COMMON_NAMES = {
     "\\Junk": ("junk", "spam", "junk e-mail", "bulk mail", "[gmail]/spam"),
     "\\Archive": ("archive", "archives", "archiv", "[gmail]/all mail"),
 }
-THROTTLE = re.compile(r"THROTTLED|try again|too many|UNAVAILABLE|rate limit", re.I)
+THROTTLE = re.compile(r"THROTTLED|try again|too many|UNAVAILABLE|rate limit", re.IGNORECASE)
+
+
+def special_folders(folders: list[FolderInfo]) -> dict[str, str]:
+    """special-use attribute -> folder: marked by the server (LIST), else found by a common name."""
+    special: dict[str, str] = {}
+    for f in folders:
+        for flag in f.flags:
+            if flag in SPECIAL and flag not in special:
+                special[flag] = f.name
+    for flag, names in COMMON_NAMES.items():
+        if flag not in special:
+            hit = next((f.name for f in folders if f.name.lower() in names), None)
+            if hit:
+                special[flag] = hit
+    return special
 
 
 @dataclass
@@ -102,16 +124,7 @@ class Destination:
         self.acc, self.s = acc, s
         self.folders = {f.name: f for f in s.list_folders()}
         self.delim = next((f.delimiter for f in self.folders.values() if f.delimiter), None) or "/"
-        self.special = {}
-        for f in self.folders.values():
-            for flag in f.flags:
-                if flag in SPECIAL and flag not in self.special:
-                    self.special[flag] = f.name
-        for flag, names in COMMON_NAMES.items():
-            if flag not in self.special:
-                hit = next((n for n in self.folders if n.lower() in names), None)
-                if hit:
-                    self.special[flag] = hit
+        self.special = special_folders(list(self.folders.values()))
         self.last_bytes = 0.0
         self.window_start = time.monotonic()
 
@@ -179,6 +192,95 @@ class Destination:
         return [None] * len(items)
 
 
+# ----------------------------------------------------------------------------- the copy loop
+
+class Ledger:
+    """Where copy_messages() notes the destination UID of a source message: nowhere (restore)."""
+
+    def held(self, id: Id, duid: int | None) -> None:
+        """The destination held the message already."""
+
+    def copied(self, pairs: list[tuple[Id, int | None]]) -> None:
+        """A batch was appended: (source id, destination UID) of each message the server took."""
+
+
+class StateLedger(Ledger):
+    """migrate: CopyState, for one source folder under one UIDVALIDITY."""
+
+    def __init__(self, state: CopyState, folder: str, validity: int | None, target: str) -> None:
+        self.state, self.folder, self.validity, self.target = state, folder, validity, target
+
+    def held(self, id: Id, duid: int | None) -> None:
+        self.state.add(self.folder, self.validity, id, self.target, duid)
+
+    def copied(self, pairs: list[tuple[Id, int | None]]) -> None:
+        with self.state.tx():  # one transaction per batch, after its APPEND
+            for uid, duid in pairs:
+                self.state.add(self.folder, self.validity, uid, self.target, duid)
+        crashpoint.hit("recorded")
+
+
+def copy_messages(src: Folder, snap: Snapshot, todo: list[Id], dst: Destination, target: str, index,
+                  res: CopyResult, progress: Progress, *, batch_bytes: int, max_count: int,
+                  label: Callable[[Id], object], ledger: Ledger) -> None:
+    """Copy the messages todo of src (a store's folder; snap its snapshot) into the destination
+    folder target, except those its index (Destination.index) shows it holds. Each batch
+    (plan.batches: batch_bytes, max_count) is one APPEND, MULTIAPPEND where offered; a refused
+    batch is sent again message by message, so only a refused message fails. label(id) names a
+    message in an error."""
+    sizes = {i: snap.entries[i].size for i in todo}
+    progress("folder_start", {"folder": res.name, "messages": len(todo), "bytes": sum(sizes.values())})
+    for batch in batches(sizes, todo, batch_bytes, max_count=max_count):
+        send: list[tuple[Id, bytes, frozenset[str], datetime | None]] = []
+        for i, data, flags, when in _read(src, batch, res):
+            have = dst.holds(index, data, message_id(data))
+            if have is not None:
+                ledger.held(i, have)
+                res.present += 1
+                continue
+            send.append((i, data, flags, when))
+        if not send:
+            continue
+        try:
+            duids = dst.append_many(target, [(d, fl, w) for _, d, fl, w in send])
+        except ServerError as exc:
+            if len(send) == 1:
+                res.failed += 1
+                res.errors.append(f"{label(send[0][0])}: {exc}")
+                continue
+            # one message the server refuses must not fail the others: one by one
+            duids = []
+            for i, data, flags, when in send:
+                try:
+                    duids.append(dst.append(target, data, flags, when))
+                except ServerError as exc1:
+                    duids.append(False)
+                    res.failed += 1
+                    res.errors.append(f"{label(i)}: {exc1}")
+        done = [(i, data, duid) for (i, data, _fl, _w), duid in zip(send, duids, strict=True) if duid is not False]
+        ledger.copied([(i, duid) for i, _data, duid in done])
+        for _i, data, _duid in done:
+            res.copied += 1
+            res.bytes += len(data)
+            progress("message", {"folder": res.name, "bytes": len(data)})
+
+
+def _read(src: Folder, ids: list[Id], res: CopyResult) -> list[tuple[Id, bytes, frozenset[str], datetime | None]]:
+    """A batch, each message read whole with CRLF line ends (as APPEND needs), before anything is
+    sent: an IMAP source is busy with its FETCH until then. Memory holds one batch, never a folder.
+    A message gone meanwhile is left out; one that cannot be read fails alone."""
+    out = []
+    for i, chunks, flags, when in src.fetch(ids):
+        try:
+            data = b"".join(chunks)
+        except StorageError as exc:
+            res.failed += 1
+            res.errors.append(str(exc))
+            continue
+        out.append((i, data if src.caps.crlf else crlf(data), flags, when))
+    return out
+
+
 # ----------------------------------------------------------------------------- restore
 
 def detect_layout(root: Path) -> str:
@@ -205,8 +307,10 @@ def restore(acc: Account, password: str, source: Path, *, layout: str | None = N
     if not source.is_dir():
         raise StorageError(f"{source} is not a directory", hint="give the backup's Maildir with --from")
     layout = layout or detect_layout(source)
-    utf8 = (layout == "fs") if utf8_names is None else utf8_names
-    found, bad = local_folders(source, layout, utf8)
+    store = MaildirStore(source, layout, (layout == "fs") if utf8_names is None else utf8_names)
+    # listing(), not folders(): restore reports the directories whose names are no folder name,
+    # and uploads a folder with a '/' inside a component, which has no '/'-path in the interface
+    found, bad = store.listing()
     report = TransferReport()
     s = ImapSession(acc, password)
     try:
@@ -218,39 +322,19 @@ def restore(acc: Account, password: str, source: Path, *, layout: str | None = N
             if not selected(name, acc.folders):
                 continue
             ft = time.monotonic()
-            mf = MaildirFolder(found[parts])
-            files = mf.scan()
             try:
+                folder = store.open_listed(parts, False)
+                snap = folder.snapshot()
                 dst.ensure(name)
                 index = dst.index(name)
-            except ServerError as exc:
+            except (ServerError, NoSuchFolder) as exc:  # (NoSuchFolder: removed since it was listed)
                 res.errors.append(str(exc))
                 continue
-            progress("folder_start", {"folder": name, "messages": len(files), "bytes": 0})
-            for key, (sub, fname) in sorted(files.items()):
-                path = found[parts] / sub / fname
-                try:
-                    raw = path.read_bytes()
-                    mtime = path.stat().st_mtime
-                except OSError as exc:
-                    res.failed += 1
-                    res.errors.append(f"{path}: {exc.strerror}")
-                    continue
-                data = crlf(raw)
-                mid = message_id(raw)
-                if dst.holds(index, data, mid) is not None:
-                    res.present += 1
-                    continue
-                fl, kw = mf.flags_of(fname)
-                try:
-                    dst.append(name, data, fl | kw, datetime.fromtimestamp(mtime, timezone.utc))
-                except ServerError as exc:  # one refused message does not stop the others
-                    res.failed += 1
-                    res.errors.append(f"{path}: {exc}")
-                    continue
-                res.copied += 1
-                res.bytes += len(data)
-                progress("message", {"folder": name, "bytes": len(data)})
+            # one file per APPEND (max_count=1), as restore has always uploaded: the `appended`
+            # crash point counts messages in restore (docs/reliability.md, test_kill_sweep.py)
+            copy_messages(folder, snap, sorted(snap.ids), dst, name, index, res, progress,
+                          batch_bytes=acc.batch_bytes, max_count=1, label=folder.path_of,
+                          ledger=Ledger())
             res.seconds = time.monotonic() - ft
             crashpoint.hit("folder")
         for p in bad:
@@ -312,28 +396,22 @@ def target_name(src_folder: FolderInfo, dst: Destination, folder_map: dict[str, 
 
 def migrate(src_acc: Account, dst_acc: Account, src_pw: str, dst_pw: str, *, delete: bool = False,
             force: bool = False, progress: Progress = lambda e, d: None) -> TransferReport:
-    from mailsync.plan import deletion_guard
     from mailsync.model import SyncPlan
+    from mailsync.plan import deletion_guard
 
     t0 = time.monotonic()
     report = TransferReport()
     state = CopyState(_state_path(src_acc, dst_acc))
-    src = ImapSession(src_acc, src_pw)
+    src = ImapStore(src_acc, src_pw)
     try:
         d = ImapSession(dst_acc, dst_pw)
         try:
             dst = Destination(dst_acc, d)
-            src_folders = [f for f in src.list_folders() if selected(f.name, src_acc.folders)]
-            src_special: dict[str, str] = {}
-            for f in src_folders:
-                for flag in f.flags:
-                    if flag in SPECIAL and flag not in src_special:
-                        src_special[flag] = f.name
-            for flag, names in COMMON_NAMES.items():
-                if flag not in src_special:
-                    hit = next((f.name for f in src_folders if f.name.lower() in names), None)
-                    if hit:
-                        src_special[flag] = hit
+            # listing(), not folders(): migrate names folders as the server does (the CopyState
+            # records, folder_map and the folders patterns use those names), needs their special-use
+            # attributes, and copies a folder with a '/' inside a component, which has no '/'-path
+            src_folders = [f for f in src.listing() if selected(f.name, src_acc.folders)]
+            src_special = special_folders(src_folders)
             for f in sorted(src_folders, key=lambda f: (f.name.upper() != "INBOX", f.name)):
                 name = target_name(f, dst, src_acc.folder_map or dst_acc.folder_map or {}, src_special)
                 res = CopyResult(name=f.name, target=name)
@@ -355,24 +433,28 @@ def migrate(src_acc: Account, dst_acc: Account, src_pw: str, dst_pw: str, *, del
     return report
 
 
-def _migrate_folder(src, dst, state, f, name, res, src_acc, delete, force, progress, deletion_guard, SyncPlan):
-    sel = src.examine(f.name)
-    validity = sel["uidvalidity"]
+def _migrate_folder(src: ImapStore, dst: Destination, state: CopyState, f: FolderInfo, name: str, res: CopyResult,
+                    src_acc: Account, delete: bool, force: bool, progress: Progress, deletion_guard, SyncPlan) -> None:
+    folder = src.open_listed(f.name, False)          # EXAMINE
+    snap = folder.snapshot()                         # uid -> size, flags|keywords
+    validity, meta = snap.validity, snap.entries
     known = state.known(f.name, validity)
-    meta = src.new_messages(1)                       # uid -> (size, flags, keywords)
     dst.ensure(name)
-    by_id, by_size, dst_flags = dst.index(name)
+    index = dst.index(name)
+    dst_flags = index[2]
     # the record is a fast path, the destination the truth: a copy deleted there by hand, or a
     # folder_map that changed, makes the message a candidate again
     stale = [u for u, (dfolder, duid) in known.items()
              if u in meta and (dfolder != name or (duid is not None and duid not in dst_flags))]
     for u in stale:
         del known[u]
+    # The flag updates and --delete work on the records and the destination only, so they stay
+    # here, outside the copy loop (restore has neither).
     # 1. flags of messages copied before: the source wins
     changes: dict[frozenset, list[int]] = {}
     for uid, (dfolder, duid) in known.items():
         if uid in meta and duid is not None and dfolder == name and duid in dst_flags:
-            want = meta[uid][1] | meta[uid][2]
+            want = meta[uid].flags
             if dst_flags[duid] != want:
                 changes.setdefault(want, []).append(duid)
     for want, duids in changes.items():
@@ -399,45 +481,5 @@ def _migrate_folder(src, dst, state, f, name, res, src_acc, delete, force, progr
     res.present += len(meta) - len(todo)
     if not todo:
         return
-    ids = src.message_ids(todo)
-    sizes = {u: meta[u][0] for u in todo}
-    progress("folder_start", {"folder": f.name, "messages": len(todo), "bytes": sum(sizes.values())})
-    for batch in batches(sizes, todo, src_acc.batch_bytes, max_count=200):
-        send: list[tuple[int, bytes, frozenset[str], datetime | None]] = []
-        for uid, body, fl, kw, when in list(src.bodies(batch)):
-            if body is None:
-                continue  # expunged on the source meanwhile
-            mid = ids.get(uid, (0, ""))[1]
-            have = dst.holds((by_id, by_size, dst_flags), body, mid)
-            if have is not None:
-                state.add(f.name, validity, uid, name, have)
-                res.present += 1
-                continue
-            send.append((uid, body, fl | kw, when))
-        if not send:
-            continue
-        try:
-            duids = dst.append_many(name, [(b, fl, w) for _, b, fl, w in send])
-        except ServerError as exc:
-            if len(send) == 1:
-                res.failed += 1
-                res.errors.append(f"UID {send[0][0]}: {exc}")
-                continue
-            # one message the server refuses must not fail the others: one by one
-            duids = []
-            for uid, body, fl, when in send:
-                try:
-                    duids.append(dst.append(name, body, fl, when))
-                except ServerError as exc1:
-                    duids.append(False)
-                    res.failed += 1
-                    res.errors.append(f"UID {uid}: {exc1}")
-        with state.tx():
-            for (uid, body, _fl, _w), duid in zip(send, duids, strict=True):
-                if duid is False:
-                    continue
-                state.add(f.name, validity, uid, name, duid)
-                res.copied += 1
-                res.bytes += len(body)
-                progress("message", {"folder": f.name, "bytes": len(body)})
-        crashpoint.hit("recorded")
+    copy_messages(folder, snap, todo, dst, name, index, res, progress, batch_bytes=src_acc.batch_bytes,
+                  max_count=200, label=lambda uid: f"UID {uid}", ledger=StateLedger(state, f.name, validity, name))

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 
 from mailsync.config import parse
+from mailsync.errors import ServerError, StorageError
+from mailsync.maildir import MaildirFolder, folder_path
 from mailsync.stores.base import CHUNK, NoSuchFolder, Refused
 from mailsync.stores.imap import ImapStore
 from mailsync.stores.maildir import MaildirStore
@@ -27,12 +29,19 @@ WHEN = datetime(2024, 5, 6, 7, 8, 9, tzinfo=timezone.utc)
 
 
 def read(folder, ids) -> dict:
-    """id -> (bytes, flags) through fetch, checking that bodies come as chunks of bytes."""
+    """id -> (bytes, flags) through fetch, checking that bodies come as chunks of bytes and dates
+    as timezone-aware datetimes or None."""
+    return {i: (data, flags) for i, (data, flags, _when) in read_dated(folder, ids).items()}
+
+
+def read_dated(folder, ids) -> dict:
+    """id -> (bytes, flags, date) through fetch."""
     out = {}
-    for i, body, flags in folder.fetch(ids):
+    for i, body, flags, when in folder.fetch(ids):
         parts = list(body)
         assert all(isinstance(p, bytes) and len(p) <= CHUNK for p in parts)
-        out[i] = (b"".join(parts), flags)
+        assert when is None or (isinstance(when, datetime) and when.utcoffset() is not None), when
+        out[i] = (b"".join(parts), flags, when)
     return out
 
 
@@ -111,6 +120,8 @@ class StoreContract:
         lf_as_stored = LF.replace(b"\n", b"\r\n") if f.caps.crlf else LF
         assert snap.entries[j].size == len(lf_as_stored) and snap.entries[j].flags == frozenset()
         assert read(f, [i, j]) == {i: (MESSAGES[0], flags), j: (lf_as_stored, frozenset())}
+        # the date given to append comes back with the body (IMAP INTERNALDATE, a file's mtime)
+        assert {k: when for k, (_, _, when) in read_dated(f, [i, j]).items()} == {i: WHEN, j: WHEN}
 
     def test_set_flags(self, seeded):
         f = seeded.open("INBOX", seeded.caps.write)
@@ -216,6 +227,40 @@ class TestMaildirStore(StoreContract):
         assert not store.caps.crlf and not store.caps.modseq
 
 
+    def test_an_unreadable_file_does_not_end_a_fetch(self, seeded):
+        """Its chunks raise StorageError; the messages after it still come."""
+        f = seeded.open("INBOX", False)
+        a, b, c = sorted(f.snapshot().ids)
+        path = f.path_of(b)
+        want = {k: f.path_of(k).read_bytes() for k in (a, c)}
+        path.unlink()
+        path.mkdir()  # open() fails with EISDIR (a file without permission would do, but not as root)
+        got = {}
+        for key, body, _flags, _when in f.fetch([a, b, c]):
+            try:
+                got[key] = b"".join(body)
+            except StorageError as exc:
+                got[key] = str(exc)
+        assert got == {**want, b: f"cannot read {path}: Is a directory"}
+
+    def test_a_component_holding_a_slash(self, store):
+        """A folder from a server with another separator ("a/b" under "."): listing() and
+        open_listed() name it by its components; it has no '/'-path, so folders() leaves it out
+        and open() of the path it would have is another folder."""
+        parts = ("Lists", "a/b")
+        path = folder_path(store.root, list(parts), store.layout, store.utf8_names)
+        MaildirFolder(path).ensure()
+        found, bad = store.listing()
+        assert found[parts] == path and bad == []
+        assert "Lists/a/b" not in store.folders()
+        with pytest.raises(NoSuchFolder):
+            store.open("Lists/a/b", False)
+        key = add(store.open_listed(parts, True), MESSAGES[0])
+        f = store.open_listed(parts, False)
+        assert f.snapshot().ids == {key} and read(f, [key]) == {key: (MESSAGES[0], frozenset())}
+        assert f.path_of(key).parent.parent == path
+
+
 class TestMaildirStoreFs(TestMaildirStore):
     layout = "fs"
 
@@ -243,6 +288,17 @@ class TestImapStore(StoreContract):
 
     def test_caps(self, store):
         assert store.caps.modseq and store.caps.uidplus and store.caps.crlf
+
+    def test_listing_and_open_listed_use_the_servers_names(self, store, mail_user):
+        store.create("Archive/2024")
+        listed = {f.name: f for f in store.listing()}
+        name = "Archive" + (listed["INBOX"].delimiter or "/") + "2024"
+        assert name in listed and listed[name].parts == ["Archive", "2024"]
+        mail_user.append(name, MESSAGES[:1])
+        f = store.open_listed(name, False)
+        assert not f.caps.write and len(f.snapshot().ids) == 1
+        with pytest.raises(ServerError):
+            store.open_listed("No such folder", False)
 
     def test_sees_what_another_client_did(self, store, mail_user):
         uids = mail_user.append("INBOX", MESSAGES[:2], flags=[b"\\Seen", b"$Other"])

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from datetime import datetime, timezone
 
 import pytest
 
@@ -123,14 +125,33 @@ def test_restore_of_an_fs_layout_maildir_with_lf_files(pair, tmp_path):
         (root / "Projects" / "Été" / d).mkdir(parents=True)
     (root / "cur" / "1.a.host:2,S").write_bytes(b"Subject: one\nMessage-ID: <one@x>\n\nbody\n")
     (root / "Projects" / "Été" / "new" / "2.b.host:2,").write_bytes(b"Subject: two\n\nno id\n")
+    os.utime(root / "cur" / "1.a.host:2,S", (1_000_000_000, 1_000_000_000))  # 2001: the file's date
     env = pair.env(DST_PASSWORD=pair.dst.password)
     r = pair.run("restore", "dst", "--from", str(root), "--json", env=env)
     assert r.returncode == 0, r.stderr
     srv = pair.dst.server_messages()
     assert [b for b, _ in srv["INBOX"].values()] == [b"Subject: one\r\nMessage-ID: <one@x>\r\n\r\nbody\r\n"]
     assert [b for b, _ in srv["Projects/Été"].values()] == [b"Subject: two\r\n\r\nno id\r\n"]
+    assert [when for _, when in internaldates(pair.dst, "INBOX")] == [1_000_000_000]  # its INTERNALDATE
     r = pair.run("restore", "dst", "--from", str(root), "--json", env=env)
     assert json.loads(r.stdout)["totals"]["copied"] == 0
+
+
+def test_restore_goes_on_past_a_file_it_cannot_read(pair, tmp_path):
+    """One unreadable file fails (exit 9, one error line naming it); the others are uploaded."""
+    root = tmp_path / "mail"
+    for d in ("cur", "new", "tmp"):
+        (root / d).mkdir(parents=True)
+    (root / "cur" / "1.a.host:2,S").write_bytes(msg(1))
+    (root / "cur" / "2.b.host:2,").mkdir()  # open() fails: EISDIR (permissions do not stop root)
+    (root / "cur" / "3.c.host:2,").write_bytes(msg(3))
+    env = pair.env(DST_PASSWORD=pair.dst.password)
+    r = pair.run("restore", "dst", "--from", str(root), "--json", env=env)
+    assert r.returncode == 9, r.stderr
+    totals = json.loads(r.stdout)["totals"]
+    assert (totals["copied"], totals["failed"]) == (2, 1)
+    assert r.stderr == f"mailsync: error: INBOX: cannot read {root}/cur/2.b.host:2,: Is a directory\n"
+    assert sorted(sha(b) for b, _ in pair.dst.server_messages()["INBOX"].values()) == sorted([sha(msg(1)), sha(msg(3))])
 
 
 def test_migrate_honours_max_bytes_per_second(pair):
@@ -146,7 +167,12 @@ def test_migrate_honours_max_bytes_per_second(pair):
 
 def test_migrate_keeps_dates_in_every_folder(pair):
     fill(pair)
+    c = pair.imap()
+    c.append("Archive/2024", msg(8), msg_time=datetime(2001, 2, 3, 4, 5, 6, tzinfo=timezone.utc))
+    c.logout()
     migrate(pair)
+    assert datetime(2001, 2, 3, 4, 5, 6, tzinfo=timezone.utc).timestamp() in \
+        [when for _, when in internaldates(pair.dst, "Archive/2024")]
     for folder, target in (("Archive/2024", "Archive/2024"), ("Sent", "Sent Items"), ("Entwürfe", "Entwürfe")):
         assert internaldates(pair.dst, target) == internaldates(pair, folder)
 

@@ -5,6 +5,15 @@ maildir, imap and pop3 modules; tests/test_stores.py holds the contract all of t
 The stores are imported lazily: `from mailsync.stores.imap import ImapStore`.
 """
 
-from mailsync.stores.base import CHUNK, Caps, Entry, Folder, NoSuchFolder, Refused, Snapshot, Store
+from mailsync.stores.base import (
+    CHUNK,
+    Caps,
+    Entry,
+    Folder,
+    NoSuchFolder,
+    Refused,
+    Snapshot,
+    Store,
+)
 
 __all__ = ["CHUNK", "Caps", "Entry", "Folder", "NoSuchFolder", "Refused", "Snapshot", "Store"]

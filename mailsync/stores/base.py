@@ -10,8 +10,11 @@ folder refuses append, set_flags and delete; a store without modification sequen
 conditional set_flags (unchanged_since). Callers check `caps` to know beforehand.
 
 Message bodies are streamed: fetch yields each message's bytes as an iterator of chunks, one
-message at a time, never the whole folder in memory. While a fetch iterator is being consumed,
-the same store must not be used for anything else (an IMAP connection is busy with the FETCH).
+message at a time, never the whole folder in memory, with its flags and its date (what an APPEND
+elsewhere needs to keep). While a fetch iterator is being consumed, the same store must not be
+used for anything else (an IMAP connection is busy with the FETCH). A message that cannot be read
+(a local file without permission) does not end a fetch: its chunks raise StorageError, and the
+fetch goes on with the next message.
 """
 
 from __future__ import annotations
@@ -109,8 +112,10 @@ class Folder(Protocol):
 
     def snapshot(self, since: object = None) -> Snapshot: ...
 
-    def fetch(self, ids: Iterable[Id]) -> Iterator[tuple[Id, Iterator[bytes], frozenset[str]]]:
-        """(id, body chunks, flags) for each id still present, in the store's order."""
+    def fetch(self, ids: Iterable[Id]) -> Iterator[tuple[Id, Iterator[bytes], frozenset[str], datetime | None]]:
+        """(id, body chunks, flags, date) for each id still present, in the store's order. The date
+        is when the message arrived as the store keeps it (IMAP INTERNALDATE, a Maildir file's
+        modification time), timezone-aware; None where the store keeps none (POP3)."""
 
     def append(self, data: bytes, flags: frozenset[str], when: datetime | None) -> Id | None:
         """The new message's id, or None where the store cannot say (not caps.uidplus)."""

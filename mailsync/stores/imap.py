@@ -4,8 +4,13 @@ Ids are UIDs, validity is UIDVALIDITY. caps.modseq is CONDSTORE: snapshots since
 only the flags changed since its HIGHESTMODSEQ and the messages past its UIDNEXT (plus the UID
 list, for expunges), and set_flags can be conditional (UNCHANGEDSINCE). caps.uidplus is UIDPLUS:
 append returns the new UID. Bodies are streamed (UID FETCH BODY.PEEK[] read by fetch.read_fetch)
-into a spooled temporary file each, so a large message is never held in memory whole.
-A fetch left before its end leaves the connection out of step (ImapSession.broken): close the store.
+into a spooled temporary file each, so a large message is never held in memory whole; the date a
+fetch gives is the INTERNALDATE. A fetch left before its end leaves the connection out of step
+(ImapSession.broken): close the store.
+
+Beside the '/'-path names of the store interface, listing() and open_listed() name folders as the
+server does (imap.FolderInfo: its separator, its special-use attributes, names that do not decode
+or hold a '/' inside one component), for a caller whose records and settings use those names.
 """
 
 from __future__ import annotations
@@ -14,15 +19,24 @@ import tempfile
 
 from mailsync.config import Account
 from mailsync.fetch import BodyWriter
-from mailsync.imap import ImapSession, crlf
-from mailsync.stores.base import CHUNK, Caps, Entry, NoSuchFolder, Snapshot, file_chunks, inbox_first, require
+from mailsync.imap import FolderInfo, ImapSession, crlf
+from mailsync.stores.base import (
+    CHUNK,
+    Caps,
+    Entry,
+    NoSuchFolder,
+    Snapshot,
+    file_chunks,
+    inbox_first,
+    require,
+)
 
 
 class _Spool(BodyWriter):
     """A body written to memory up to CHUNK bytes, to a temporary file beyond."""
 
     def __init__(self, size: int) -> None:
-        self.f = tempfile.SpooledTemporaryFile(max_size=CHUNK)
+        self.f = tempfile.SpooledTemporaryFile(max_size=CHUNK)  # noqa: SIM115 - closed by discard() or its chunks
         self.size = 0
 
     def write(self, data: bytes) -> None:
@@ -45,11 +59,15 @@ class ImapStore:
         self.selected: tuple[str, bool] | None = None
         self.delimiter: str | None = None
 
+    def listing(self) -> list[FolderInfo]:
+        """The selectable folders as the server lists them (ImapSession.list_folders)."""
+        return self.s.list_folders()
+
     def _listing(self) -> dict[str, str]:
         """'/'-path -> server name, for the selectable folders whose names decode. A name with
         '/' inside one of its parts (under another separator) has no '/'-path and is left out."""
         out = {}
-        for f in self.s.list_folders():
+        for f in self.listing():
             self.delimiter = self.delimiter or f.delimiter
             if not f.error and (f.delimiter == "/" or not any("/" in p for p in f.parts)):
                 out["INBOX" if f.name.upper() == "INBOX" else "/".join(f.parts)] = f.name
@@ -62,7 +80,12 @@ class ImapStore:
         server = self._listing().get(name)
         if server is None:
             raise NoSuchFolder(f"{self.s.where} has no folder {name!r}")
-        folder = ImapFolder(self, server, self.caps if writable else self.caps.read_only())
+        return self.open_listed(server, writable)
+
+    def open_listed(self, server_name: str, writable: bool) -> ImapFolder:
+        """The folder named as listing() names it (FolderInfo.name), without listing again. The
+        server refusing the SELECT (no such folder) is a ServerError."""
+        folder = ImapFolder(self, server_name, self.caps if writable else self.caps.read_only())
         folder.select(fresh=True)
         return folder
 
@@ -108,9 +131,9 @@ class ImapFolder:
         if not uids:
             return
         self.select()
-        for uid, body, fl, kw, _when in self.s.stream_bodies(uids, _Spool):
+        for uid, body, fl, kw, when in self.s.stream_bodies(uids, _Spool):
             if body is not None:
-                yield uid, body.chunks(), fl | kw
+                yield uid, body.chunks(), fl | kw, when
 
     def append(self, data: bytes, flags, when=None) -> int | None:
         require(self.caps, self.where, "append", "write")

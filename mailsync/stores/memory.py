@@ -1,16 +1,26 @@
 """A store held in dicts, for tests: every capability, CRLF line ends, ids counting from 1.
 
 Each change takes the next number of one store-wide modification sequence; the cursor of a
-snapshot is the last number given out, as IMAP's HIGHESTMODSEQ.
+snapshot is the last number given out, as IMAP's HIGHESTMODSEQ. A message's date is the one it
+was appended with (None if none).
 """
 
 from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from mailsync.imap import crlf
-from mailsync.stores.base import Caps, Entry, NoSuchFolder, Snapshot, chunks_of, inbox_first, require
+from mailsync.stores.base import (
+    Caps,
+    Entry,
+    NoSuchFolder,
+    Snapshot,
+    chunks_of,
+    inbox_first,
+    require,
+)
 
 ALL = Caps(flags=True, keywords=True, write=True, delete=True, modseq=True, uidplus=True, crlf=True)
 _validities = itertools.count(1)
@@ -20,7 +30,8 @@ _validities = itertools.count(1)
 class _Box:
     validity: int = field(default_factory=lambda: next(_validities))
     next_id: int = 1
-    messages: dict[int, tuple[bytes, frozenset[str], int]] = field(default_factory=dict)  # id -> data, flags, modseq
+    # id -> data, flags, modseq, date
+    messages: dict[int, tuple[bytes, frozenset[str], int, datetime | None]] = field(default_factory=dict)
 
 
 class MemoryStore:
@@ -55,19 +66,19 @@ class MemoryFolder:
 
     def snapshot(self, since: object = None) -> Snapshot:
         msgs = self.box.messages
-        entries = {i: Entry(i, len(d), fl) for i, (d, fl, ms) in msgs.items() if since is None or ms > since}
+        entries = {i: Entry(i, len(d), fl) for i, (d, fl, ms, _) in msgs.items() if since is None or ms > since}
         return Snapshot(self.box.validity, entries, self.store.modseq, frozenset(msgs))
 
     def fetch(self, ids):
         for i in ids:
             if i in self.box.messages:
-                data, flags, _ = self.box.messages[i]
-                yield i, chunks_of(data), flags
+                data, flags, _, when = self.box.messages[i]
+                yield i, chunks_of(data), flags, when
 
     def append(self, data: bytes, flags, when=None) -> int:
         require(self.caps, self.where, "append", "write")
         i, self.box.next_id = self.box.next_id, self.box.next_id + 1
-        self.box.messages[i] = (crlf(data), frozenset(flags), self.store.tick())
+        self.box.messages[i] = (crlf(data), frozenset(flags), self.store.tick(), when)
         return i
 
     def set_flags(self, changes: dict, unchanged_since: object = None) -> set:
@@ -78,7 +89,7 @@ class MemoryFolder:
             if had is None or (unchanged_since is not None and had[2] > unchanged_since):
                 refused.add(i)
             elif had[1] != frozenset(flags):
-                self.box.messages[i] = (had[0], frozenset(flags), self.store.tick())
+                self.box.messages[i] = (had[0], frozenset(flags), self.store.tick(), had[3])
         return refused
 
     def delete(self, ids) -> set:

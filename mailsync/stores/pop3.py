@@ -12,7 +12,15 @@ import time
 from mailsync.config import Account
 from mailsync.errors import MailsyncError
 from mailsync.pop3 import Pop3Session
-from mailsync.stores.base import Caps, Entry, NoSuchFolder, Refused, Snapshot, chunks_of, require
+from mailsync.stores.base import (
+    Caps,
+    Entry,
+    NoSuchFolder,
+    Refused,
+    Snapshot,
+    chunks_of,
+    require,
+)
 
 CAPS = Caps(flags=False, keywords=False, write=False, delete=False, modseq=False, uidplus=False, crlf=True)
 
@@ -60,7 +68,7 @@ class Pop3Folder:
             self.snapshot()
         for uidl in ids:
             if uidl in self.numbers:
-                yield uidl, chunks_of(self.s.retr(self.numbers[uidl])), frozenset()
+                yield uidl, chunks_of(self.s.retr(self.numbers[uidl])), frozenset(), None  # no date
 
     def append(self, data: bytes, flags, when=None):
         require(self.caps, self.where, "append", "write")
