@@ -32,7 +32,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import ClassVar, NoReturn
@@ -74,6 +74,7 @@ class CheckTarget:
     ca_file: Path | None = None
     fingerprint: str | None = None      # normalised upper-case hex, as config.py stores it
     timeout: float = DEFAULT_TIMEOUT
+    account: Account | None = field(default=None, compare=False, repr=False)  # where it came from (its auth)
 
     @property
     def where(self) -> str:
@@ -82,11 +83,13 @@ class CheckTarget:
 
 def target_from_account(acc) -> CheckTarget:
     return CheckTarget(host=acc.host, port=acc.port, protocol=acc.protocol, username=acc.username,
-                       ca_file=acc.ca_file, fingerprint=acc.fingerprint, timeout=acc.timeout)
+                       ca_file=acc.ca_file, fingerprint=acc.fingerprint, timeout=acc.timeout, account=acc)
 
 
 def _account(t: CheckTarget) -> Account:
     """The target as the account login.py's steps take (no maildir, no password source)."""
+    if t.account is not None:
+        return t.account
     return Account(name="check", host=t.host, username=t.username or "", maildir=Path(), protocol=t.protocol,
                    port=t.port, ca_file=t.ca_file, fingerprint=t.fingerprint, timeout=t.timeout)
 
@@ -208,8 +211,10 @@ class _Check:
         proto.greeting()
         proto.capabilities()
         logged_in = False
-        if t.username and password:
-            proto.login(t.username, password)
+        oauth = t.account is not None and t.account.auth == "oauth2"
+        self.out.info("login mechanisms offered (SASL): " + (", ".join(sorted(proto.caps.sasl)) or "none"))
+        if t.username and (password or oauth):
+            proto.login(t.username, password or "")
             logged_in = True
         elif t.username:
             self.out.info(f"login not tried: no password given for {t.username}")
@@ -777,9 +782,14 @@ class _Proto:
         """login.py's authentication step for this protocol (authenticate: login.imap_authenticate
         or login.pop3_authenticate), reported as one line."""
         self.secret = password
+        try:
+            auth = login.authenticator(self.acc, password)  # (OAuth2: gets a token, refreshed if need be)
+        except MailsyncError as exc:
+            raise self.out.fail(exc.exit_code, f"login: {_bare(exc.message)}",
+                                "the OAuth2 access token could not be obtained", exc.hint or "see docs/oauth2.md") from None
         self.deadline.start()
         try:
-            done = authenticate(self.acc, self.client, self.caps, login.authenticator(self.acc, password))
+            done = authenticate(self.acc, self.client, self.caps, auth)
         except MailsyncError as exc:
             raise self.login_failed(exc, username,
                                     f"wrong username or password, or {service} access disabled at the provider "

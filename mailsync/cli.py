@@ -359,6 +359,44 @@ def check(
     raise typer.Exit(code)
 
 
+@app.command()
+def auth(
+    account: str = typer.Argument(..., help="An account with auth = \"oauth2\"."),
+    flow: Optional[str] = typer.Option(None, "--flow", help="loopback (browser), device or paste "
+                                       "(default: the account's flow)."),
+    status: bool = typer.Option(False, "--status", help="Show whether a token is stored and when it expires "
+                                "(never the token)."),
+    no_browser: bool = typer.Option(False, "--no-browser", help="Print the URL; do not open a browser."),
+    as_json: bool = typer.Option(False, "--json", help="With --status: print it as JSON."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Config file."),
+    debug: bool = typer.Option(False, "--debug", help="Log and show tracebacks."),
+) -> None:
+    """Get the OAuth2 tokens of an account (once, and again if the provider revokes them)."""
+    debug = _setup(config, debug)
+    with _Errors(debug):
+        cfg = _load(config)
+        acc = cfg.account(account)
+        if acc.auth != "oauth2" or acc.oauth2 is None:
+            raise ConfigError(f"[accounts.{acc.name}] logs in with a password; auth is for auth = \"oauth2\"",
+                              hint="see docs/oauth2.md to switch the account to OAuth2")
+        if flow is not None and flow not in config_mod.OAUTH2_FLOWS:
+            raise ConfigError(f"--flow {flow!r}: use one of {', '.join(config_mod.OAUTH2_FLOWS)}")
+        from mailsync import oauth2
+        if status:
+            st = oauth2.status(acc)
+            if as_json:
+                typer.echo(_json(st))
+            else:
+                for key, value in st.items():
+                    typer.echo(f"{key}: {', '.join(value) if isinstance(value, list) else value}")
+            return
+        if acc.oauth2.token_command is not None:
+            raise ConfigError(f"[accounts.{acc.name}] gets its tokens from token_command; nothing to authorize",
+                              hint="run the token command's own login, or remove token_command")
+        oauth2.authorize(acc, flow, out=lambda line: typer.echo(line, err=True), open_browser=not no_browser)
+        typer.echo(f"mailsync: {acc.name}: authorized; tokens stored ({oauth2.status(acc).get('store', '')})")
+
+
 def _maybe_accounts(config: Optional[Path]) -> set[str]:
     """Account names a config file that failed to load seems to name (to report its error)."""
     import re

@@ -10,6 +10,7 @@ import contextlib
 import imaplib
 import logging
 import re
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -60,10 +61,14 @@ class ImapSession:
     def __init__(self, acc: Account, secret: str) -> None:
         self.acc = acc
         self.where = f"{acc.host}:{acc.port}"
+        self.valid_until: float | None = None
         self.broken = False  # a reply could not be read: the connection is out of step
         # TLS or STARTTLS, pin, CAPABILITY, authentication, CAPABILITY again: login.py
         logged = login.log_in(acc, secret, protocol="imap")
         self.client = logged.client
+        # an OAuth2 login: when its token runs out (runner.Pool opens a new session instead, and
+        # providers such as Microsoft end the session about then)
+        self.valid_until = _token_deadline(acc)
         self.client.normalise_times = False
         self.caps = set(logged.caps.names)
         try:
@@ -90,6 +95,11 @@ class ImapSession:
         try:
             return fn(*args, **kw)
         except (imaplib.IMAP4.abort, imapx.IMAPClientAbortError, OSError, EOFError) as exc:
+            if self.valid_until is not None and "expired" in _text(exc).lower():
+                # the provider ended the session for its OAuth2 token (Microsoft: BYE ...
+                # AccessTokenExpired): the next session logs in with a refreshed one
+                from mailsync import oauth2
+                oauth2.token_source(self.acc).expired()
             raise ConnectionLost(f"connection to {self.where} lost: {_text(exc)}",
                                  hint="run again to continue; what was saved is kept") from None
         except (imaplib.IMAP4.error, imapx.IMAPClientError) as exc:
@@ -420,6 +430,15 @@ class ImapSession:
 
 _MODIFIED = re.compile(rb"\[MODIFIED ([0-9:,]+)\]")
 _APPENDUID = re.compile(rb"\[APPENDUID (\d+) (\d+)\]")
+
+
+def _token_deadline(acc: Account) -> float | None:
+    if getattr(acc, "auth", "password") != "oauth2":
+        return None
+    from mailsync import oauth2
+
+    left = oauth2.token_source(acc).expires_in()
+    return None if left is None else time.monotonic() + left
 
 
 def parse_seqset(text: str) -> set[int]:

@@ -216,14 +216,15 @@ class Sasl:
     respond: Callable[[bytes], bytes] = field(repr=False)
 
     @classmethod
-    def client_first(cls, mechanism: str, message: bytes) -> Sasl:
+    def client_first(cls, mechanism: str, message: bytes, after: bytes = b"") -> Sasl:
         """A mechanism that says everything in its first message (PLAIN, XOAUTH2, OAUTHBEARER);
-        any further challenge (XOAUTH2 reports an error that way) gets an empty answer."""
+        any further challenge (XOAUTH2 and OAUTHBEARER report an error that way) gets `after`:
+        empty for XOAUTH2, %x01 for OAUTHBEARER (RFC 7628 3.2.3). The message is never sent twice."""
         sent: list[bool] = []
 
         def respond(_challenge: bytes) -> bytes:
             if sent:
-                return b""
+                return after
             sent.append(True)
             return message
         return cls(mechanism.upper(), respond)
@@ -303,16 +304,70 @@ class PasswordAuth(Authenticator):
         return Login(self.username, self._secret)
 
 
-KINDS: dict[str, type[Authenticator]] = {PasswordAuth.kind: PasswordAuth}
+class OAuth2Auth(Authenticator):
+    """An OAuth2 access token, by SASL: XOAUTH2 (Google, Microsoft) or OAUTHBEARER (RFC 7628),
+    `mechanism = "auto"` taking what the server advertises (OAUTHBEARER first, the standard).
+    The token comes from oauth2.token_source (refreshed ahead of expiry), fetched when the
+    connection logs in; a failure challenge is answered as the mechanism requires (an empty line
+    for XOAUTH2, %x01 for OAUTHBEARER), never with the token again. POP3 sends AUTH in two steps
+    (command, "+", response), which Office 365 requires."""
+
+    kind = "oauth2"
+    MECHANISMS = ("OAUTHBEARER", "XOAUTH2")
+
+    def __init__(self, acc: Account) -> None:
+        from mailsync import oauth2  # only for accounts that use it
+
+        self.source = oauth2.token_source(acc)
+        super().__init__(acc.username, self.source.token())
+        self.host, self.port = acc.host, acc.port
+        self.name = acc.name
+        self.mechanism = (acc.oauth2.mechanism if acc.oauth2 else "auto").upper()
+        self.expires_in = self.source.expires_in()
+
+    def _step(self, offered: frozenset[str], protocol: str) -> Sasl:
+        usable = [m for m in self.MECHANISMS if m in offered and self.mechanism in ("AUTO", m)]
+        if not usable:
+            want = "XOAUTH2 or OAUTHBEARER" if self.mechanism == "AUTO" else self.mechanism
+            shown = ", ".join(sorted(offered)) or "none"
+            raise Unusable(f"the server offers no {want} login over {protocol.upper()} (it offers: {shown})",
+                           hint="check host and port, and that the provider allows OAuth2 for "
+                                f"{protocol.upper()}" + ("" if self.mechanism == "AUTO" else
+                                                         '; or set mechanism = "auto"'))
+        mech, user, token = usable[0], self.username, self._secret
+        if mech == "XOAUTH2":
+            return Sasl.client_first(mech, f"user={user}\x01auth=Bearer {token}\x01\x01".encode())
+        gs2 = "n,a=" + user.replace("=", "=3D").replace(",", "=2C") + ","
+        message = f"{gs2}\x01host={self.host}\x01port={self.port}\x01auth=Bearer {token}\x01\x01"
+        return Sasl.client_first(mech, message.encode(), after=b"\x01")
+
+    def imap(self, caps: Capabilities) -> Login | Sasl:
+        return self._step(caps.sasl, "imap")
+
+    def pop3(self, caps: Capabilities) -> Login | Sasl:
+        return self._step(caps.sasl, "pop3")
+
+    def refused(self) -> None:
+        """The server refused the token: the next login gets a new one."""
+        self.source.expired()
+
+    def refused_hint(self, protocol: str) -> str:
+        return (f"the access token was refused; if this persists run `mailsync auth {self.name}` (wrong "
+                "account or missing consent for the mail scope?)")
+
+
+KINDS: dict[str, type[Authenticator]] = {PasswordAuth.kind: PasswordAuth, OAuth2Auth.kind: OAuth2Auth}
 
 
 def authenticator(acc: Account, secret: str) -> Authenticator:
-    """The Authenticator for acc, by its `auth` setting ("password", the only kind so far and the
-    default); secret is what secrets.password(acc) returned."""
+    """The Authenticator for acc, by its `auth` setting ("password", the default, or "oauth2");
+    secret is what secrets.password(acc) returned (nothing for oauth2: tokens come from oauth2.py)."""
     kind = getattr(acc, "auth", None) or PasswordAuth.kind
     cls = KINDS.get(kind)
     if cls is None:
         raise ConfigError(f"[accounts.{acc.name}] unknown auth '{kind}'", hint=f"use one of {', '.join(KINDS)}")
+    if cls is OAuth2Auth:
+        return OAuth2Auth(acc)
     return cls(acc.username, secret)
 
 
@@ -740,11 +795,18 @@ class LoggedIn:
 def log_in(acc: Account, credential: str | Authenticator, *, protocol: str | None = None) -> LoggedIn:
     """The one way in: connect, secure, check the pin, read the capabilities and authenticate, for
     acc's protocol (or the one given). credential: the secret (its Authenticator is chosen by the
-    account, `authenticator`) or an Authenticator."""
+    account, `authenticator`) or an Authenticator. An OAuth2 token the server refuses is replaced
+    once (refreshed) and the login tried again on a new connection."""
     protocol = protocol or acc.protocol
-    if protocol == "pop3":
-        return pop3_login(acc, credential)
-    return imap_login(acc, credential)
+    login = pop3_login if protocol == "pop3" else imap_login
+    auth = credential if isinstance(credential, Authenticator) else authenticator(acc, credential)
+    try:
+        return login(acc, auth)
+    except AuthError as exc:
+        if not isinstance(auth, OAuth2Auth) or getattr(exc, "refusal", None) is None:
+            raise
+        auth.refused()
+    return login(acc, authenticator(acc, ""))
 
 
 def _text(exc: BaseException) -> str:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol, TypeVar
@@ -77,9 +78,9 @@ class Pool:
                 except queue.Empty:
                     continue  # a session may have been dropped meanwhile: maybe open one
             if got is not None:
-                if not got.broken:
+                if not got.broken and not _token_ends(got):
                     return got
-                self.drop(got)  # out of step since it was given back: open another
+                self.drop(got)  # out of step since it was given back, or its login token ends
                 continue
             try:
                 s = self._connect()
@@ -115,6 +116,16 @@ class Pool:
     def close(self) -> None:
         for s in list(self._all):
             s.close()
+
+
+TOKEN_MARGIN = 60  # seconds: a session whose OAuth2 token ends sooner is not handed out again
+
+
+def _token_ends(s: Session) -> bool:
+    """The session logged in with an OAuth2 token that ends within TOKEN_MARGIN: a new session
+    (with a refreshed token) is opened instead, between folders, before the server ends it."""
+    until = getattr(s, "valid_until", None)
+    return until is not None and until - time.monotonic() < TOKEN_MARGIN
 
 
 class Fresh:

@@ -13,6 +13,9 @@ from mailsync.errors import ConfigError
 
 
 def password(acc: Account) -> str:
+    """The account's password; "" for an OAuth2 account (its logins take tokens, see oauth2.py)."""
+    if getattr(acc, "auth", "password") == "oauth2":
+        return ""
     where = f"[accounts.{acc.name}]"
     if acc.password_command is not None:
         try:
