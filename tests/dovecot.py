@@ -6,6 +6,7 @@ since Dovecot refuses to access mail as uid 0).
 
 from __future__ import annotations
 
+import base64
 import os
 import grp
 import pwd
@@ -55,9 +56,15 @@ class Dovecot:
     imap_port: int = 0   # plaintext, STARTTLS required before login
     pop3_port: int = 0
     extra_listeners: dict[str, int] = field(default_factory=dict)
+    # OAuth2 only: accept just XOAUTH2/OAUTHBEARER with HS256 JWTs signed with this key (see oauth2_key_file)
+    oauth2_key: bytes | None = None
+    # serve the mail store of another instance: its root (homes are <mail_root>/home/<user>)
+    mail_root: Path | None = None
 
     def __post_init__(self) -> None:
         self.root = Path(self.root).resolve()  # Dovecot reads paths relative to its own cwd
+        if self.mail_root is not None:
+            self.mail_root = Path(self.mail_root).resolve()
 
     @property
     def conf(self) -> Path:
@@ -67,8 +74,17 @@ class Dovecot:
     def ca_file(self) -> Path:
         return self.root / "ca" / "ca.pem"
 
+    @property
+    def homes(self) -> Path:
+        return (self.mail_root or self.root) / "home"
+
+    @property
+    def oauth2_key_file(self) -> Path:
+        """Where Dovecot's local JWT validation finds the HS256 key: <azp>/<alg>/<kid>, base64."""
+        return self.root / "oauth2-keys" / "default" / "HS256" / "default"
+
     def maildir(self, user: str) -> Path:
-        return self.root / "home" / user / "Maildir"
+        return self.homes / user / "Maildir"
 
     def _ids(self) -> tuple[int, int, str, str]:
         if os.getuid() == 0:
@@ -94,7 +110,7 @@ class Dovecot:
         for u, p in self.users.items():
             (self.root / "passwd.d" / u).write_text(f"{u}:{{PLAIN}}{p}::::::\n")
         for u in self.users:
-            home = self.root / "home" / u
+            home = self.homes / u
             (home / "Maildir").mkdir(parents=True, exist_ok=True)
             if os.getuid() == 0:
                 for p in (home, home / "Maildir"):
@@ -107,6 +123,13 @@ service anvil {{
   chroot =
 }}"""
         chroot = "" if os.getuid() == 0 else "  chroot =\n"
+        auth = f"""auth_mechanisms = plain login
+passdb {{
+  driver = passwd-file
+  args = scheme=PLAIN {self.root}/passwd.d/%u
+}}"""
+        if self.oauth2_key is not None:
+            auth = self._write_oauth2(uid, gid)
         extra = ""
         for name, port in self.extra_listeners.items():
             extra += f"  inet_listener {name} {{\n    address = 127.0.0.1\n    port = {port}\n    ssl = yes\n  }}\n"
@@ -122,14 +145,10 @@ ssl_cert = <{self.root}/ca/{self.cert}.pem
 ssl_key = <{self.root}/ca/{self.cert}.key
 ssl_min_protocol = TLSv1.2
 disable_plaintext_auth = yes
-auth_mechanisms = plain login
-passdb {{
-  driver = passwd-file
-  args = scheme=PLAIN {self.root}/passwd.d/%u
-}}
+{auth}
 userdb {{
   driver = static
-  args = uid={uid} gid={gid} home={self.root}/home/%u
+  args = uid={uid} gid={gid} home={self.homes}/%u
 }}
 first_valid_uid = 1
 mail_location = maildir:~/Maildir
@@ -184,6 +203,31 @@ protocol imap {{
 }}
 {self.extra_conf}
 """)
+
+    def _write_oauth2(self, uid: int, gid: int) -> str:
+        """The key and oauth2.conf.ext for bearer-token-only logins; returns the auth settings."""
+        keys = self.root / "oauth2-keys"
+        self.oauth2_key_file.parent.mkdir(parents=True, exist_ok=True)
+        self.oauth2_key_file.write_bytes(base64.b64encode(self.oauth2_key or b""))
+        # read by the auth process, which runs as the internal user (`dovecot` as root)
+        for p in (keys, keys / "default", self.oauth2_key_file.parent):
+            p.chmod(0o700)
+        self.oauth2_key_file.chmod(0o600)
+        if os.getuid() == 0:
+            for p in (keys, keys / "default", self.oauth2_key_file.parent, self.oauth2_key_file):
+                os.chown(p, uid, gid)
+        ext = self.root / "oauth2.conf.ext"
+        ext.write_text(f"""introspection_mode = local
+local_validation_key_dict = fs:posix:prefix={keys}/
+username_attribute = sub
+""")
+        ext.chmod(0o644)
+        return f"""auth_mechanisms = xoauth2 oauthbearer
+passdb {{
+  driver = oauth2
+  mechanisms = xoauth2 oauthbearer
+  args = {ext}
+}}"""
 
     def start(self) -> "Dovecot":
         self.write_config()
