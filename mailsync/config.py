@@ -367,7 +367,7 @@ def _oauth2(where: str, sec: dict | None, auth: str, password_keys: list[str]) -
             raise ConfigError(f"{where}: provider \"custom\" needs token_url (and authorize_url or device_url)")
     for key in ("authorize_url", "token_url", "device_url"):
         url = sec.get(key)
-        if url is not None and not _endpoint_ok(url):
+        if url is not None and not endpoint_ok(url):
             raise ConfigError(f"{where}: '{key}' must be an https:// URL (http:// only for 127.0.0.1, ::1 or "
                               f"localhost), not {url!r}")
     return OAuth2(provider=provider, client_id=sec.get("client_id", ""),
@@ -378,7 +378,7 @@ def _oauth2(where: str, sec: dict | None, auth: str, password_keys: list[str]) -
                   token_command=sec.get("token_command"))
 
 
-def _endpoint_ok(url: str) -> bool:
+def endpoint_ok(url: str) -> bool:
     """HTTPS, or plain HTTP to a loopback address (tests, a local proxy)."""
     from urllib.parse import urlsplit
 

@@ -13,12 +13,15 @@ Exit codes (documented in docs/exit-codes.md):
   9  some folders failed, the others were synced
   10 the deletion guard stopped a folder (run with --force if the deletions are right)
   11 verify: the backup is incomplete or damaged (the report names each message)
+  12 OAuth2: the refresh token was refused (invalid_grant): run `mailsync auth ACCOUNT`
 
 The tree (exit code of an error that stops the whole run in brackets):
 
   MailsyncError [1]
   ├── ConfigError [2]
   ├── AuthError [3]
+  │   ├── oauth2.OAuthError     a token endpoint or sign-in flow said no (its error code shown)
+  │   └── oauth2.ReauthRequired [12]  the refresh token was refused: a person must sign in again
   ├── TLSError [4]
   ├── ConnectError [5]
   ├── SessionError [6]          the server failed us after the run had started

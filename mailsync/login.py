@@ -348,8 +348,9 @@ class OAuth2Auth(Authenticator):
         return self._step(caps.sasl, "pop3")
 
     def refused(self) -> None:
-        """The server refused the token: the next login gets a new one."""
-        self.source.expired()
+        """The server refused the token: the next login gets a new one (unless another connection
+        already got a newer one)."""
+        self.source.expired(self._secret)
 
     def refused_hint(self, protocol: str) -> str:
         return (f"the access token was refused; if this persists run `mailsync auth {self.name}` (wrong "

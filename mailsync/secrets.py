@@ -18,32 +18,7 @@ def password(acc: Account) -> str:
         return ""
     where = f"[accounts.{acc.name}]"
     if acc.password_command is not None:
-        try:
-            argv = acc.password_command if isinstance(acc.password_command, list) \
-                else shlex.split(acc.password_command)
-        except ValueError as exc:
-            raise ConfigError(f"{where} password_command cannot be parsed: {exc}") from None
-        if not argv:
-            raise ConfigError(f"{where} password_command is empty")
-        try:
-            r = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=120)
-        except FileNotFoundError:
-            raise ConfigError(f"{where} password_command: program '{argv[0]}' not found",
-                              hint="give the full path, or a list like [\"sh\", \"-c\", \"...\"] for a shell") from None
-        except OSError as exc:
-            raise ConfigError(f"{where} password_command: cannot run '{argv[0]}': {exc.strerror}",
-                              hint="check the path and that the file is executable") from None
-        except subprocess.TimeoutExpired:
-            raise ConfigError(f"{where} password_command did not finish within 120 seconds") from None
-        if r.returncode != 0:
-            err = r.stderr.decode("utf-8", "replace").strip().splitlines()
-            tail = f": {err[-1][:200]}" if err else ""
-            raise ConfigError(f"{where} password_command failed with exit code {r.returncode}{tail}")
-        out = r.stdout.decode("utf-8", "replace").splitlines()
-        if not out or not out[0]:
-            raise ConfigError(f"{where} password_command printed nothing",
-                              hint="it must print the password on its first line")
-        return out[0]
+        return run_command(acc.password_command, f"{where} password_command", "the password")
     if acc.password_env is not None:
         value = os.environ.get(acc.password_env)
         if not value:
@@ -55,3 +30,33 @@ def password(acc: Account) -> str:
         return getpass.getpass(f"Password for {acc.username} at {acc.host}: ")
     raise ConfigError(f"{where} has no password source",
                       hint="set password_command or password_env (no terminal to prompt on)")
+
+
+def run_command(cmd: str | list[str], where: str, what: str) -> str:
+    """Run a secret-printing command from the config (no shell: a string is split like a shell
+    line; a list is the argv), and return the first line it prints. Its output is never shown;
+    every failure is a ConfigError naming `where` (the account and the key)."""
+    try:
+        argv = cmd if isinstance(cmd, list) else shlex.split(cmd)
+    except ValueError as exc:
+        raise ConfigError(f"{where} cannot be parsed: {exc}") from None
+    if not argv:
+        raise ConfigError(f"{where} is empty")
+    try:
+        r = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=120)
+    except FileNotFoundError:
+        raise ConfigError(f"{where}: program '{argv[0]}' not found",
+                          hint="give the full path, or a list like [\"sh\", \"-c\", \"...\"] for a shell") from None
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot run '{argv[0]}': {exc.strerror}",
+                          hint="check the path and that the file is executable") from None
+    except subprocess.TimeoutExpired:
+        raise ConfigError(f"{where} did not finish within 120 seconds") from None
+    if r.returncode != 0:
+        err = r.stderr.decode("utf-8", "replace").strip().splitlines()
+        tail = f": {err[-1][:200]}" if err else ""
+        raise ConfigError(f"{where} failed with exit code {r.returncode}{tail}")
+    out = r.stdout.decode("utf-8", "replace").splitlines()
+    if not out or not out[0]:
+        raise ConfigError(f"{where} printed nothing", hint=f"it must print {what} on its first line")
+    return out[0]
