@@ -559,3 +559,15 @@ def test_authorize_replaces_the_cached_source(server):
     sign_in(acc)
     fresh = oauth2.token_source(acc)
     assert fresh is not src and fresh.token() == TokenStore(acc).load()["access_token"]
+
+
+def test_password_accounts_never_load_the_oauth2_code():
+    """The commands import nothing of OAuth2 (nor urllib, http.server) until an account uses it:
+    a password account's start-up is what it was."""
+    code = ("import sys\n"
+            "import mailsync.cli, mailsync.engine, mailsync.pop3, mailsync.verify, mailsync.transfer, "
+            "mailsync.check, mailsync.compare, mailsync.login\n"
+            "print(sorted(m for m in ('mailsync.oauth2', 'urllib.request', 'http.server', 'webbrowser') "
+            "if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", f"loaded at start-up: {out.strip()}"
