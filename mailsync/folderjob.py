@@ -434,9 +434,13 @@ class FolderJob:
         for uid, rec in self.known.items():
             if uid in gone or uid in changed or rec.key not in self.on_disk or not rec.on_server:
                 continue
-            before = self.on_disk[rec.key]
+            # only a real flag change is put back: a file's place (a mail reader moves unread
+            # mail from new/ to cur/) and the form of its name (no ":2," yet) are left as they are
+            fl, kw = self.mf.flags_of(self.on_disk[rec.key][1])
+            if fl == rec.flags and kw == self.mf.kw.representable(rec.keywords):
+                continue
             self._retag(rec.key, rec.flags, rec.keywords)
-            reset += self.on_disk[rec.key] != before
+            reset += 1
         if reset:
             self.mf.sync_dirs()
         self.res.flags_changed += len(plan.set_flags) + reset
