@@ -782,21 +782,46 @@ class _Proto:
         """login.py's authentication step for this protocol (authenticate: login.imap_authenticate
         or login.pop3_authenticate), reported as one line."""
         self.secret = password
-        try:
-            auth = login.authenticator(self.acc, password)  # (OAuth2: gets a token, refreshed if need be)
-        except MailsyncError as exc:
-            raise self.out.fail(exc.exit_code, f"login: {_bare(exc.message)}",
-                                "the OAuth2 access token could not be obtained", exc.hint or "see docs/oauth2.md") from None
+        auth = self.authenticator(password)
         self.deadline.start()
         try:
-            done = authenticate(self.acc, self.client, self.caps, auth)
+            try:
+                done = authenticate(self.acc, self.client, self.caps, auth)
+            except AuthError as exc:
+                if not isinstance(auth, login.OAuth2Auth) or getattr(exc, "refusal", None) is None:
+                    raise
+                # as every other command does (login.log_in): the refused token is replaced once
+                # (refreshed, or token_command run again) and the login tried again
+                auth.refused()
+                again = self.authenticator(password)
+                if again.secrets() == auth.secrets():
+                    raise  # no other token to offer: the answer would be the same
+                self.out.info(f"the access token was refused ({self.text(exc.refusal.said)}); "
+                              "trying once more with a new one")
+                auth = again
+                self.deadline.start()
+                done = authenticate(self.acc, self.client, self.caps, auth)
         except MailsyncError as exc:
+            if isinstance(auth, login.OAuth2Auth):  # not a password: say what an OAuth2 refusal means
+                get = ("check that token_command prints a token for " + username if auth.from_command
+                       else f"run `mailsync auth {auth.name}` and sign in as {username}")
+                raise self.login_failed(exc, username,
+                                        f"the token is for another account or lacks consent for the {service} scope, "
+                                        f"or {service} access is disabled for the mailbox",
+                                        f"{get}; enable {service} for the mailbox (docs/oauth2.md)") from None
             raise self.login_failed(exc, username,
                                     f"wrong username or password, or {service} access disabled at the provider "
                                     f"(some need an app password or {setting} in settings)",
                                     "check username and password with a mail client or webmail, create an app "
                                     f"password, enable {service} in the provider's settings") from None
         self.out.ok(f"login as {username} ({done.mechanism}): {self.text(done.said)}")
+
+    def authenticator(self, password: str) -> login.Authenticator:
+        try:
+            return login.authenticator(self.acc, password)  # (OAuth2: gets a token, refreshed if need be)
+        except MailsyncError as exc:
+            raise self.out.fail(exc.exit_code, f"login: {_bare(exc.message)}",
+                                "the OAuth2 access token could not be obtained", exc.hint or "see docs/oauth2.md") from None
 
     def login_failed(self, exc: MailsyncError, username: str, cause: str, fix: str) -> _Fail:
         """login.py's answer to a failed login, in check's words (FAIL line, cause, fix)."""

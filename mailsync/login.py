@@ -323,6 +323,7 @@ class OAuth2Auth(Authenticator):
         self.host, self.port = acc.host, acc.port
         self.name = acc.name
         self.mechanism = (acc.oauth2.mechanism if acc.oauth2 else "auto").upper()
+        self.from_command = acc.oauth2 is not None and acc.oauth2.token_command is not None
         self.expires_in = self.source.expires_in()
 
     def _step(self, offered: frozenset[str], protocol: str) -> Sasl:
@@ -353,6 +354,9 @@ class OAuth2Auth(Authenticator):
         self.source.expired(self._secret)
 
     def refused_hint(self, protocol: str) -> str:
+        if self.from_command:  # `mailsync auth` has nothing to do for such an account: it says so
+            return (f"the access token printed by token_command was refused; check that the command gives a "
+                    f"token for {self.username} with the {protocol.upper()} scope")
         return (f"the access token was refused; if this persists run `mailsync auth {self.name}` (wrong "
                 "account or missing consent for the mail scope?)")
 
@@ -797,7 +801,8 @@ def log_in(acc: Account, credential: str | Authenticator, *, protocol: str | Non
     """The one way in: connect, secure, check the pin, read the capabilities and authenticate, for
     acc's protocol (or the one given). credential: the secret (its Authenticator is chosen by the
     account, `authenticator`) or an Authenticator. An OAuth2 token the server refuses is replaced
-    once (refreshed) and the login tried again on a new connection."""
+    once (refreshed) and the login tried again on a new connection (not when the token source has
+    no other token to give: the same token would only be refused again)."""
     protocol = protocol or acc.protocol
     login = pop3_login if protocol == "pop3" else imap_login
     auth = credential if isinstance(credential, Authenticator) else authenticator(acc, credential)
@@ -807,7 +812,10 @@ def log_in(acc: Account, credential: str | Authenticator, *, protocol: str | Non
         if not isinstance(auth, OAuth2Auth) or getattr(exc, "refusal", None) is None:
             raise
         auth.refused()
-    return login(acc, authenticator(acc, ""))
+        again = authenticator(acc, "")
+        if again.secrets() == auth.secrets():
+            raise  # no other token to offer (token_command printed the same one): the answer would be the same
+    return login(acc, again)
 
 
 def _text(exc: BaseException) -> str:
