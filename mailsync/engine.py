@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mailsync.config import Account
-from mailsync.errors import (ConnectionLost, MailsyncError, PartialFailure, SafetyAbort,
+from mailsync.errors import (AuthError, ConnectionLost, MailsyncError, PartialFailure, SafetyAbort,
                              SessionError, StorageError)
 from mailsync.folders import map_paths, selected
 from mailsync.folderjob import FolderJob, Options
@@ -196,10 +196,10 @@ class _FolderRunner:
         self.mode, self.opts = mode, opts
         self.stop = threading.Event()  # set on a storage error (no point going on) or on Ctrl-C
         self.interrupted = False       # Ctrl-C
-        self.fatal: StorageError | None = None  # the first storage error: the run raises it
+        self.fatal: MailsyncError | None = None  # the first error that stops the run (storage, login): raised
         self._lock = threading.Lock()
 
-    def _storage_failed(self, exc: StorageError) -> None:
+    def _stop_run(self, exc: MailsyncError) -> None:
         self.stop.set()
         with self._lock:
             if self.fatal is None:
@@ -226,7 +226,7 @@ class _FolderRunner:
             if self.interrupted or self.fatal is None:
                 res.fail(Outcome.INTERRUPTED, "interrupted")
             else:
-                res.fail(Outcome.FAILED, "skipped after a local storage error")
+                res.fail(Outcome.FAILED, "skipped after an error that stops the run: " + str(self.fatal).partition(";")[0])
         except SafetyAbort as exc:
             res.fail(Outcome.GUARDED, str(exc))
         except ConnectionLost as exc:  # (retried as often as the account allows)
@@ -234,12 +234,15 @@ class _FolderRunner:
         except SessionError as exc:  # a refused command: retrying will not help
             res.fail(Outcome.REFUSED, str(exc))
         except StorageError as exc:
-            self._storage_failed(exc)
+            self._stop_run(exc)
             res.fail(Outcome.FAILED, str(exc))
         except sqlite3.Error as exc:  # the state file itself (disk full, damaged)
             fatal = StorageError(f"cannot use the state file: {exc}", hint="free disk space or check the disk")
-            self._storage_failed(fatal)
+            self._stop_run(fatal)
             res.fail(Outcome.FAILED, str(fatal))
+        except AuthError as exc:  # a new connection's login failed (OAuth2: the refresh token
+            self._stop_run(exc)  # was revoked): every folder would fail alike, the run stops
+            res.fail(Outcome.FAILED, str(exc))
         except MailsyncError as exc:  # e.g. no further session could be opened
             res.fail(Outcome.FAILED, str(exc))
         except OSError as exc:  # e.g. a folder name too long for the file system

@@ -68,7 +68,9 @@ class ImapSession:
         self.client = logged.client
         # an OAuth2 login: when its token runs out (runner.Pool opens a new session instead, and
         # providers such as Microsoft end the session about then)
-        self.valid_until = _token_deadline(acc)
+        self.auth = logged.auth
+        left = logged.valid_for
+        self.valid_until = None if left is None else time.monotonic() + left
         self.client.normalise_times = False
         self.caps = set(logged.caps.names)
         try:
@@ -98,8 +100,7 @@ class ImapSession:
             if self.valid_until is not None and "expired" in _text(exc).lower():
                 # the provider ended the session for its OAuth2 token (Microsoft: BYE ...
                 # AccessTokenExpired): the next session logs in with a refreshed one
-                from mailsync import oauth2
-                oauth2.token_source(self.acc).expired()
+                self.auth.refused()
             raise ConnectionLost(f"connection to {self.where} lost: {_text(exc)}",
                                  hint="run again to continue; what was saved is kept") from None
         except (imaplib.IMAP4.error, imapx.IMAPClientError) as exc:
@@ -430,15 +431,6 @@ class ImapSession:
 
 _MODIFIED = re.compile(rb"\[MODIFIED ([0-9:,]+)\]")
 _APPENDUID = re.compile(rb"\[APPENDUID (\d+) (\d+)\]")
-
-
-def _token_deadline(acc: Account) -> float | None:
-    if getattr(acc, "auth", "password") != "oauth2":
-        return None
-    from mailsync import oauth2
-
-    left = oauth2.token_source(acc).expires_in()
-    return None if left is None else time.monotonic() + left
 
 
 def parse_seqset(text: str) -> set[int]:

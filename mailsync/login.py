@@ -25,6 +25,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import dataclasses
 import hashlib
 import imaplib
 import io
@@ -795,6 +796,12 @@ class LoggedIn:
     caps: Capabilities
     mechanism: str
     said: str
+    auth: Authenticator | None = field(default=None, repr=False)  # (log_in sets it)
+
+    @property
+    def valid_for(self) -> float | None:
+        """Seconds the login's OAuth2 token has left when it was sent; None without a token."""
+        return getattr(self.auth, "expires_in", None)
 
 
 def log_in(acc: Account, credential: str | Authenticator, *, protocol: str | None = None) -> LoggedIn:
@@ -807,7 +814,7 @@ def log_in(acc: Account, credential: str | Authenticator, *, protocol: str | Non
     login = pop3_login if protocol == "pop3" else imap_login
     auth = credential if isinstance(credential, Authenticator) else authenticator(acc, credential)
     try:
-        return login(acc, auth)
+        return dataclasses.replace(login(acc, auth), auth=auth)
     except AuthError as exc:
         if not isinstance(auth, OAuth2Auth) or getattr(exc, "refusal", None) is None:
             raise
@@ -815,7 +822,7 @@ def log_in(acc: Account, credential: str | Authenticator, *, protocol: str | Non
         again = authenticator(acc, "")
         if again.secrets() == auth.secrets():
             raise  # no other token to offer (token_command printed the same one): the answer would be the same
-    return login(acc, again)
+    return dataclasses.replace(login(acc, again), auth=again)
 
 
 def _text(exc: BaseException) -> str:

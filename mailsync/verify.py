@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mailsync.config import Account
-from mailsync.errors import ConfigError, MailsyncError, SessionError, StorageError
+from mailsync.errors import AuthError, ConfigError, MailsyncError, SessionError, StorageError
 from mailsync.folders import map_paths, selected
 from mailsync.identity import Identity, same
 from mailsync.imap import FolderInfo, ImapSession, crlf
@@ -584,6 +584,9 @@ def _with_retries(acc: Account, pool, checker: _Checker, job: _Folder, stop: thr
         return FolderReport(name=job.name, error="interrupted")
     except (SessionError, StorageError) as exc:  # refused (e.g. the folder deleted meanwhile), lost,
         return FolderReport(name=job.name, error=str(exc))  # or a folder that cannot be read
+    except AuthError:  # a new connection's login failed (OAuth2: the refresh token was revoked):
+        stop.set()      # every folder would fail alike; the run ends with its exit code
+        raise
     except MailsyncError as exc:  # no further session could be opened
         return FolderReport(name=job.name, error=str(exc))
 

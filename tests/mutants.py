@@ -95,6 +95,14 @@ MUTANTS: list[Mutant] = [
              '        crashpoint.hit("staged")\n'
              "        for key, fl, kw in self.staged:\n"
              "            on_disk[key] = (place(fl), mf.publish(key, fl, kw))\n"),)),
+    m("revoked-token-fails-folder-by-folder",
+      "a refresh token revoked during a run stops it with exit 12 and one line",
+      "mailsync/engine.py", "_FolderRunner.__call__",
+      "        except AuthError as exc:  # a new connection's login failed (OAuth2: the refresh token\n"
+      "            self._stop_run(exc)  # was revoked): every folder would fail alike, the run stops\n"
+      "            res.fail(Outcome.FAILED, str(exc))\n",
+      "",
+      "tests/test_oauth_e2e.py::test_refresh_token_revoked_during_a_run_stops_it_with_12_and_one_line"),
     m("guard-off-by-one",
       "the deletion guard stops a plan that deletes more than 10% of a folder (and more than 5)",
       "mailsync/plan.py", "deletion_guard",

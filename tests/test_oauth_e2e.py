@@ -561,6 +561,52 @@ def test_invalid_grant_is_exit_12_and_one_line(make_rig):
     rig.sweep()
 
 
+def test_refresh_token_revoked_during_a_run_stops_it_with_12_and_one_line(make_rig):
+    """The provider revokes the refresh token while a long run goes on: when the next connection
+    needs a new access token, the run stops (exit 12, one line), instead of failing folder after
+    folder with a line each; what it stored is whole, and after signing in again the next run
+    finishes with every message exactly once."""
+    ttl = 4
+    rig = make_rig(ttl=ttl)
+    rig.configure(extra="connections = 1\nbatch_bytes = 65536\nretries = 5")
+    rig.sign_in()
+    mail = {f"F{i}": [tag(1000 * i + j, rig, 8000) for j in range(120)] for i in range(1, 7)}
+    mail["INBOX"] = [tag(j, rig, 8000) for j in range(120)]
+    seed(rig, mail)
+    total = sum(len(v) for v in mail.values())
+    p = rig.popen("sync", ACCOUNT)
+
+    def revoke_then_cut():
+        while p.poll() is None and len(local_files(rig.u.maildir)) < total // 5:
+            time.sleep(0.01)
+        p.send_signal(signal.SIGSTOP)  # (so the token it holds runs out, however fast the machine)
+        try:
+            rig.auth.revoke()
+            time.sleep(ttl + 0.5)
+            try:
+                rig.od.doveadm("kick", rig.u.name)
+            except RuntimeError:
+                pass  # between two sessions: the next one needs a new token anyway
+        finally:
+            p.send_signal(signal.SIGCONT)
+
+    th = threading.Thread(target=revoke_then_cut, daemon=True)
+    th.start()
+    out, err = p.communicate(timeout=120)
+    th.join(5)
+    rig.seen += [out, err]
+    assert p.returncode == 12, (p.returncode, err[-3000:])
+    line = one_line_error(err)
+    assert "invalid_grant" in line and f"run `mailsync auth {ACCOUNT}`" in line, line
+    got = Counter(local_files(rig.u.maildir).values())
+    want = Counter(b for v in mail.values() for b in v)
+    assert 0 < sum(got.values()) < total and not got - want and max(got.values()) == 1, "stored mail not whole"
+    rig.sign_in()
+    rig.ok("sync", ACCOUNT)
+    assert Counter(local_files(rig.u.maildir).values()) == want  # every message, exactly once
+    rig.sweep()
+
+
 # 6. refusals: last, each from its own loopback address (Dovecot's auth penalty) -----------------------
 
 SITECUSTOMIZE = """\
