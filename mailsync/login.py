@@ -291,8 +291,10 @@ class PasswordAuth(Authenticator):
         if not disabled and _quotable(self.username) and _quotable(self._secret):
             return Login(self.username, self._secret)
         if disabled and "PLAIN" not in caps.sasl:
+            oauth = caps.sasl & {"XOAUTH2", "OAUTHBEARER"}
             raise Unusable("the server allows no password login here (it advertises LOGINDISABLED and "
-                           "no AUTH=PLAIN)", hint="ask the provider how to enable IMAP access")
+                           "no AUTH=PLAIN)", hint='it takes OAuth2 tokens: set auth = "oauth2" (see docs/oauth2.md)'
+                           if oauth else "ask the provider how to enable IMAP access")
         if "\0" in self.username + self._secret:
             raise Unusable("the username or password contains a NUL character, which no login can send",
                            hint="check the password source", error=ConfigError)

@@ -706,6 +706,7 @@ def test_a_password_account_at_the_token_only_server_is_refused(make_rig):
     assert r.returncode == 3, r.stderr
     line = one_line_error(r.stderr)
     assert f"login as {u.name} at 127.0.0.1:{rig.od.imaps_port} failed: the server allows no password login" in line
+    assert line.endswith("it takes OAuth2 tokens: set auth = \"oauth2\" (see docs/oauth2.md)"), line
     assert u.password not in r.stderr + r.stdout
     assert not local_files(rig.u.maildir)
     log = (rig.od.root / "dovecot.log").read_text(errors="replace").splitlines()
