@@ -368,9 +368,10 @@ def test_two_way_sync_uploads_a_local_message(make_rig):
     rig.sweep()
 
 
-def test_pop3_download(make_rig):
+@pytest.mark.parametrize("mechanism", [None, "xoauth2"], ids=["auto", "xoauth2"])
+def test_pop3_download(make_rig, mechanism):
     rig = make_rig()
-    rig.configure(protocol="pop3")
+    rig.configure(protocol="pop3", mechanism=mechanism)
     rig.sign_in()
     mail = [tag(i, rig, 1000) for i in range(6)]
     seed(rig, {"INBOX": mail})
@@ -378,19 +379,21 @@ def test_pop3_download(make_rig):
     assert s["totals"]["new"] == 6
     assert sorted(local_files(rig.u.maildir).values()) == sorted(mail)
     logins = [ln for ln in oauth_logins(rig.od, rig.u.name) if "pop3-login: Info: Login:" in ln]
-    assert logins and all("method=OAUTHBEARER" in ln for ln in logins), logins  # auto: OAUTHBEARER first
+    used = (mechanism or "oauthbearer").upper()  # auto: OAUTHBEARER first
+    assert logins and all(f"method={used}" in ln for ln in logins), logins
     rig.ok("verify", ACCOUNT)
     c = rig.ok("check", ACCOUNT).stdout
-    assert f"login as {rig.u.name} (AUTH OAUTHBEARER)" in c, c
+    assert f"login as {rig.u.name} (AUTH {used})" in c, c
     rig.sweep()
 
 
-def test_migrate_from_the_token_only_server_to_a_password_account(make_rig):
+@pytest.mark.parametrize("mechanism", ["xoauth2", "oauthbearer"])
+def test_migrate_from_the_token_only_server_to_a_password_account(make_rig, mechanism):
     rig = make_rig()
     dst = MailUser.create(rig.od.base, rig.u.name + "d", rig.tmp / "dst")
     dst_table = (f'[accounts.dst]\nhost = "127.0.0.1"\nport = {rig.od.base.imaps_port}\nusername = "{dst.name}"\n'
                  f'password_env = "DST_PASSWORD"\nmaildir = "{dst.maildir}"\nca_file = "{rig.od.base.ca_file}"\n')
-    rig.configure(more=dst_table)
+    rig.configure(more=dst_table, mechanism=mechanism)
     rig.sign_in()
     mail = {"INBOX": [tag(i, rig) for i in range(4)], "Archive": [tag(9, rig, 2000)]}
     seed(rig, mail)
@@ -402,6 +405,20 @@ def test_migrate_from_the_token_only_server_to_a_password_account(make_rig):
     assert s["totals"]["copied"] == 0 and s["totals"]["present"] == 5
     assert list(rig.state.glob("mailsync/migrate-*.db"))
     assert dst.password not in "".join(rig.seen)
+    logins = [ln for ln in oauth_logins(rig.od, rig.u.name) if "imap-login: Info: Login:" in ln]
+    assert logins and all(f"method={mechanism.upper()}" in ln for ln in logins), logins
+    # and back: restore the migrated mail from a backup made over tokens into the token-only account
+    rig.ok("sync", ACCOUNT)
+    restored = {"INBOX": [tag(50 + i, rig) for i in range(3)]}
+    src = rig.tmp / "restore-src"
+    for i, data in enumerate(restored["INBOX"]):
+        (src / "cur").mkdir(parents=True, exist_ok=True)
+        (src / "new").mkdir(exist_ok=True)
+        (src / "tmp").mkdir(exist_ok=True)
+        (src / "cur" / f"17000000{i}.r{i}.host:2,S").write_bytes(data)
+    s = json.loads(rig.ok("restore", ACCOUNT, "--from", str(src), "--json").stdout)
+    assert s["totals"]["copied"] == 3, s
+    assert sorted(server_folders(rig.u)["INBOX"]) == sorted(mail["INBOX"] + restored["INBOX"])
     rig.sweep()
 
 
