@@ -503,6 +503,34 @@ def restore(
     _transfer_out(report, as_json, quiet)
 
 
+fleet_app = typer.Typer(no_args_is_help=True, help="Run many jobs (backup, sync, migrate, verify) from a jobs file.")
+app.add_typer(fleet_app, name="fleet")
+
+
+@fleet_app.command("run")
+def fleet_run(
+    jobs: Path = typer.Argument(..., help="The jobs file (CSV: command,account,destination,... see docs/fleet.md)."),
+    processes: int = typer.Option(4, "--processes", "-p", help="Jobs at once (worker processes)."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Write a report: FILE.csv or FILE.json."),
+    retries: int = typer.Option(3, "--retries", help="Retries of a job after a network failure (0-10)."),
+    check_logins: bool = typer.Option(False, "--check-logins", help="Only log in to each job's accounts "
+                                      "and out again; copy nothing."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress; print only what failed."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Config file."),
+    debug: bool = typer.Option(False, "--debug", help="Log and show tracebacks."),
+) -> None:
+    """Check every row of JOBS, then run the jobs in parallel (one per account at a time); exit 9
+    if any job failed."""
+    debug = _setup(config, debug)
+    with _Errors(debug, "mailsync: interrupted; run the jobs file again to continue"):
+        cfg = _load(config)
+        from mailsync.fleet import run as fleet
+        code = fleet.run(cfg, jobs, processes=processes, report=report, retries=retries, quiet=quiet,
+                         check_logins=check_logins, debug=debug, out=typer.echo,
+                         err=lambda line: typer.echo(_show(line), err=True))
+    raise typer.Exit(code)
+
+
 def _line(r) -> str:
     fs = r.folders
     new = sum(f.new for f in fs)
