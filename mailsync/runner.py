@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Protocol, TypeVar
+from typing import TypeVar
 
 from mailsync.errors import ConnectionLost, MailsyncError, SessionError
 
@@ -36,10 +36,9 @@ class Stopped(Exception):
     saved."""
 
 
-class Session(Protocol):
-    broken: bool
-
-    def close(self) -> None: ...
+# a session: anything with `broken` (its replies are out of step: never reuse it), `close()`, and
+# optionally `valid_until` (when its OAuth2 login token ends); ImapSession, Pop3Session
+Session = object
 
 
 def backoff(attempt: int) -> int:
