@@ -478,6 +478,22 @@ def test_token_command_backup_and_pop3(make_rig):
     rig.sweep()
 
 
+def test_compare_over_tokens(make_rig):
+    """`mailsync compare` downloads one mailbox over IMAP and over POP3, both logging in with tokens."""
+    rig = make_rig(server=False)
+    cmd = token_command(rig, rig.u.name)
+    mail = [tag(i, rig, 500) for i in range(3)]
+    seed(rig, {"INBOX": mail})
+    pop_table = (f'[accounts.pop]\nhost = "127.0.0.1"\nport = {rig.od.pop3s_port}\nprotocol = "pop3"\n'
+                 f'username = "{rig.u.name}"\nmaildir = "{rig.tmp / "pop"}"\nca_file = "{rig.od.ca_file}"\n'
+                 f'auth = "oauth2"\n[accounts.pop.oauth2]\ntoken_command = {json.dumps(cmd)}\n')
+    rig.configure(token_command=cmd, more=pop_table)
+    d = json.loads(rig.ok("compare", ACCOUNT, "pop", "--json").stdout)
+    assert d["imap"]["messages"] == d["pop3"]["messages"] == len(mail), d
+    assert d["only_in_imap_inbox"] == d["only_in_pop3"] == 0 and not d["same_message_different_bytes"], d
+    rig.sweep(db=False)
+
+
 # 4. a run longer than the access token lives, kicked mid-run ----------------------------------------
 
 def test_tokens_expire_and_the_session_is_kicked_mid_run(make_rig):
