@@ -22,11 +22,16 @@ deps:
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq dovecot-imapd dovecot-pop3d openssl strace \
 			isync offlineimap3 >/dev/null; \
 	fi
+	@if ! command -v redis-server >/dev/null 2>&1 && [ ! -x /usr/bin/redis-server ]; then \
+		echo "Installing redis-server (the Celery fleet's tests start their own, on a free port)..."; \
+		$(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq redis-server >/dev/null; \
+	fi
 
 $(BIN)/mailsync: pyproject.toml
 	$(PYTHON) -m venv --clear $(VENV)
 	$(BIN)/pip install -q --upgrade pip >/dev/null
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,fleet]'
 	@touch $@
 
 venv: $(BIN)/mailsync

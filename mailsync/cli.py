@@ -516,6 +516,15 @@ def fleet_run(
     check_logins: bool = typer.Option(False, "--check-logins", help="Only log in to each job's accounts "
                                       "and out again; copy nothing."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress; print only what failed."),
+    broker: Optional[str] = typer.Option(None, "--broker", help="Run the jobs on Celery workers over this Redis "
+                                         "(redis://HOST:6379/0; needs mailsync[fleet]; see docs/fleet.md)."),
+    max_per_host: int = typer.Option(10, "--max-connections-per-host", help="With --broker: IMAP connections "
+                                     "to one host at once, over all workers."),
+    broker_wait: float = typer.Option(120.0, "--broker-wait", help="With --broker: seconds to wait for a lost "
+                                      "broker before giving up on the jobs in flight."),
+    resend_delay: float = typer.Option(30.0, "--resend-delay", help="With --broker: after Redis lost its data, "
+                                       "send the unfinished jobs again after this many seconds (>= the workers' "
+                                       "--lock-ttl)."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="Config file."),
     debug: bool = typer.Option(False, "--debug", help="Log and show tracebacks."),
 ) -> None:
@@ -527,8 +536,67 @@ def fleet_run(
         from mailsync.fleet import run as fleet
         code = fleet.run(cfg, jobs, processes=processes, report=report, retries=retries, quiet=quiet,
                          check_logins=check_logins, debug=debug, out=typer.echo,
-                         err=lambda line: typer.echo(_show(line), err=True))
+                         err=lambda line: typer.echo(_show(line), err=True), broker=broker,
+                         max_per_host=max_per_host, broker_wait=broker_wait, resend_delay=resend_delay)
     raise typer.Exit(code)
+
+
+@fleet_app.command("worker")
+def fleet_worker(
+    broker: str = typer.Option(..., "--broker", help="The Redis to take jobs from (redis://HOST:6379/0)."),
+    concurrency: int = typer.Option(4, "--concurrency", help="Jobs at once on this worker (pool processes)."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Config file on this worker (default: "
+                                          "the path each job names, as on the machine that ran `fleet run`)."),
+    visibility_timeout: float = typer.Option(100.0, "--visibility-timeout", help="Seconds before an unacknowledged "
+                                             "job is handed out again (a worker died)."),
+    lock_ttl: float = typer.Option(30.0, "--lock-ttl", help="Seconds an account lock outlives its last "
+                                   "heartbeat (every TTL/3)."),
+    soft_time_limit: int = typer.Option(24 * 3600, "--soft-time-limit", help="Seconds a job may run."),
+    time_limit: int = typer.Option(24 * 3600 + 600, "--time-limit", help="Seconds before a job's process is killed."),
+    restore_interval: float = typer.Option(10.0, "--restore-interval", help="How often (s) to look for jobs "
+                                           "to hand out again."),
+    retry_countdown: float = typer.Option(10.0, "--retry-countdown", help="Seconds before a job whose account "
+                                          "is busy is tried again."),
+    loglevel: str = typer.Option("WARNING", "--loglevel", help="Celery's log level."),
+    debug: bool = typer.Option(False, "--debug", help="Log and show tracebacks."),
+) -> None:
+    """Run fleet jobs sent by `fleet run --broker` until stopped (Ctrl-C ends the running jobs first)."""
+    debug = _setup(config, debug)
+    with _Errors(debug, "mailsync: worker stopped"):
+        if not 1 <= concurrency <= 64:
+            raise ConfigError(f"--concurrency {concurrency}: give 1 to 64")
+        if not 0 < soft_time_limit < time_limit:
+            raise ConfigError("give 0 < --soft-time-limit < --time-limit")
+        from mailsync.fleet import celery_app
+        path = config or _opts.get("config")
+        settings = celery_app.Settings(visibility_timeout=visibility_timeout, lock_ttl=lock_ttl,
+                                       soft_time_limit=soft_time_limit, time_limit=time_limit,
+                                       restore_interval=restore_interval, retry_countdown=retry_countdown,
+                                       config=str(Path(path).expanduser().resolve()) if path else None)
+        celery_app.worker(broker, concurrency=concurrency, settings=settings, loglevel=loglevel.upper())
+
+
+@fleet_app.command("status")
+def fleet_status(
+    broker: str = typer.Option(..., "--broker", help="The Redis the fleet runs on."),
+    run_id: Optional[str] = typer.Option(None, "--run", help="A run's id (default: the latest)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the rows as JSON."),
+    debug: bool = typer.Option(False, "--debug", help="Log and show tracebacks."),
+) -> None:
+    """One line per job of the latest `fleet run --broker` (or --run ID): state, messages, bytes,
+    attempt, worker, last update."""
+    debug = _setup(None, debug)
+    with _Errors(debug):
+        from mailsync.fleet import celery_backend
+        rid, rows = celery_backend.status(broker, run_id)
+        if as_json:
+            typer.echo(_json({"run": rid, "jobs": rows}))
+        elif not rid:
+            typer.echo("no fleet runs on this broker")
+        else:
+            typer.echo(f"run {rid}: {len(rows)} jobs")
+            for row in rows:
+                typer.echo(_show(celery_backend.status_line(row)))
 
 
 def _line(r) -> str:

@@ -5,13 +5,9 @@ A backend takes jobs as plain dicts (Job.to_dict()) and hands back plain result 
 to submit when (never two jobs of one account at once, at most `capacity` in flight), so every
 backend keeps that rule without help.
 
-A Celery backend plugs in as a third class: submit() sends the job with
-`run_job_task.apply_async((config_path, job), {"retries": ..., "login_only": ...})` (the task
-body is a call of work.run_job on the worker, which reads the config file at the same path and
-resolves the job's accounts and secrets itself) and returns the AsyncResult; results() polls the
-AsyncResults in flight (ready() / get(propagate=False)) and turns a task that raised or was lost
-into work.failed_result(); capacity is the broker's workers x their concurrency (or more: the
-broker queues the rest). Nothing else changes.
+The Celery backend (celery_backend.CeleryBackend, the optional extra `fleet`) plugs in here:
+submit() sends the job as a Celery task whose body (celery_app) calls work.run_job on a worker,
+which reads the config file itself; results() reads the results from Redis.
 """
 
 from __future__ import annotations

@@ -147,7 +147,8 @@ class _Bars:
 def run(cfg: Config, jobs_path: Path, *, processes: int = 4, report: Path | None = None, retries: int = 3,
         quiet: bool = False, check_logins: bool = False, debug: bool = False,
         out: Echo = print, err: Echo = lambda s: print(s, file=sys.stderr),
-        backend: Backend | None = None) -> int:
+        backend: Backend | None = None, broker: str | None = None, max_per_host: int = 10,
+        broker_wait: float = 120.0, resend_delay: float = 30.0) -> int:
     """The command. Returns its exit code: 0 every job ok, 9 some not, 2 a bad jobs file or
     option (nothing ran), 130 interrupted."""
     if not 1 <= processes <= 64:
@@ -165,10 +166,20 @@ def run(cfg: Config, jobs_path: Path, *, processes: int = 4, report: Path | None
             err(f"mailsync: error: {line}")
         return JobsError.exit_code
     keys = {job.line: keys_of(cfg, job) for job in jobs}
-    bars = _Bars(len(jobs)) if (not quiet and sys.stderr.isatty()) else None
-    say = (bars.jobs.write if bars else err) if not quiet else (lambda s: None)
+    show_bars = not quiet and sys.stderr.isatty()
+    if backend is None and broker:
+        if not 1 <= max_per_host <= 1000:
+            raise ConfigError(f"--max-connections-per-host {max_per_host}: give 1 to 1000")
+        from mailsync.fleet.celery_backend import (
+            CeleryBackend,  # the fleet extra: celery, redis
+        )
+        backend = CeleryBackend(broker, str(cfg.path.resolve()), capacity=len(jobs), retries=retries,
+                                login_only=check_logins, max_per_host=max_per_host, broker_wait=broker_wait,
+                                resend_delay=resend_delay, warn=err)
     backend = backend or LocalBackend(str(cfg.path.resolve()), min(processes, len(jobs)), retries=retries,
-                                      login_only=check_logins, debug=debug, live=bars is not None)
+                                      login_only=check_logins, debug=debug, live=show_bars)
+    bars = _Bars(len(jobs)) if show_bars else None
+    say = (bars.jobs.write if bars else err) if not quiet else (lambda s: None)
     results: dict[int, dict] = {}
     last_write = [time.monotonic()]
 
@@ -188,7 +199,7 @@ def run(cfg: Config, jobs_path: Path, *, processes: int = 4, report: Path | None
             last_write[0] = time.monotonic()
 
     def tick() -> None:
-        if bars and isinstance(backend, LocalBackend):
+        if bars and hasattr(backend, "bytes_moved"):
             n = backend.bytes_moved()
             if n:
                 bars.bytes.update(n)
