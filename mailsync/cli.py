@@ -665,6 +665,7 @@ def main() -> None:
     the signal (status -2, nothing printed)."""
     try:
         try:
+            _keep_only_the_command(sys.argv[1:])
             app()  # ends with SystemExit
         finally:
             _ignore_ctrl_c()
@@ -675,6 +676,32 @@ def main() -> None:
         if exc.code == 130:
             _exit_interrupted()
         raise
+
+
+def _keep_only_the_command(args: list[str]) -> None:
+    """Typer builds a click command for every registered command on each start (a few ms for each,
+    more for the fleet group): a run that names its command (`mailsync sync work`) gets only that
+    one built. Without a command (`mailsync`, `mailsync --help`) every command stays, for the help."""
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a in ("--config", "-c"):
+            i += 2
+            continue
+        if a.startswith("-"):
+            i += 1
+            continue
+        break
+    else:
+        return
+    from typer.main import get_command_name
+
+    word = args[i]
+    commands = [c for c in app.registered_commands if (c.name or get_command_name(c.callback.__name__)) == word]
+    groups = [g for g in app.registered_groups if g.name == word]
+    if commands or groups:  # (an unknown word: all stay, and click says which commands there are)
+        app.registered_commands[:] = commands
+        app.registered_groups[:] = groups
 
 
 def _ignore_ctrl_c() -> None:
