@@ -293,3 +293,83 @@ class Pop3NoUidl(_Listener):
                         s.sendall(b"-ERR unknown command\r\n")
         except (OSError, ssl.SSLError, ValueError):
             pass
+
+
+class ThrottleProxy(_Listener):
+    """A provider that throttles, as Office 365 does: a TLS endpoint (the test CA's server
+    certificate) forwarding to the real Dovecot's IMAPS port, which answers the first folder
+    command (SELECT, EXAMINE or STATUS) of its first `throttled` connections itself with
+    `NO [THROTTLED] Request is throttled. Suggested Backoff Time: N milliseconds`; everything
+    else passes through. `refused` counts the answers it made up."""
+
+    COMMANDS = (b"SELECT", b"EXAMINE", b"STATUS")
+
+    def __init__(self, target: int, cert: Path, key: Path, *, throttled: int = 1, backoff_ms: int = 1500) -> None:
+        self.target, self.throttled_left, self.backoff_ms = target, throttled, backoff_ms
+        self.refused = 0
+        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.ctx.load_cert_chain(str(cert), str(key))
+        self._lock = threading.Lock()
+        super().__init__()
+
+    def handle(self, conn: socket.socket) -> None:
+        with self._lock:
+            throttle = self.throttled_left > 0
+            self.throttled_left -= 1
+        client_ctx = ssl.create_default_context()
+        client_ctx.check_hostname = False
+        client_ctx.verify_mode = ssl.CERT_NONE
+        try:
+            down = self.ctx.wrap_socket(conn, server_side=True)
+            up = client_ctx.wrap_socket(socket.create_connection(("127.0.0.1", self.target), timeout=10))
+        except (OSError, ssl.SSLError):
+            conn.close()
+            return
+        self.conns += [down, up]
+        lock = threading.Lock()  # one writer at a time toward the client
+
+        def to_client() -> None:
+            try:
+                while data := up.recv(65536):
+                    with lock:
+                        down.sendall(data)
+            except OSError:
+                pass
+            finally:
+                for s in (down, up):
+                    try:
+                        s.close()
+                    except OSError:
+                        pass
+
+        threading.Thread(target=to_client, daemon=True).start()
+        pending = b""
+        try:
+            while data := down.recv(65536):
+                if not throttle:
+                    up.sendall(data)
+                    continue
+                pending += data
+                while b"\r\n" in pending and throttle:
+                    line, pending = pending.split(b"\r\n", 1)
+                    words = line.split(b" ", 2)
+                    if len(words) > 1 and words[1].upper() in self.COMMANDS:
+                        throttle = False
+                        with self._lock:
+                            self.refused += 1
+                        with lock:
+                            down.sendall(words[0] + b" NO [THROTTLED] Request is throttled. Suggested Backoff Time: "
+                                         + str(self.backoff_ms).encode() + b" milliseconds\r\n")
+                    else:
+                        up.sendall(line + b"\r\n")
+                if not throttle and pending:
+                    up.sendall(pending)
+                    pending = b""
+        except OSError:
+            pass
+        finally:
+            for s in (down, up):
+                try:
+                    s.close()
+                except OSError:
+                    pass

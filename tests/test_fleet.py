@@ -23,6 +23,7 @@ from mailsync.fleet.jobs import Job, JobsError, read_jobs
 from mailsync.fleet.run import schedule
 from mailsync.fleet.work import NETWORK, THROTTLE, blank_result, next_wait, run_job
 from tests.dovecot import Dovecot, free_port
+from tests.faults import ThrottleProxy
 from tests.helpers import ROOT, MailUser, msg
 from tests.test_kill_sweep import as_backup, local_state, server_state
 
@@ -278,6 +279,31 @@ def test_run_job_retries_a_throttled_job_after_the_suggested_wait(dovecot, tmp_p
     root = tmp_path / "backups" / u.name
     assert local_state(root) == as_backup(server_state(u), root)
     json.dumps(res)  # JSON-able as it is
+
+
+def test_a_throttling_provider_gets_its_backoff_then_the_fleet_succeeds(dovecot, tmp_path):
+    """Through a proxy that answers the first folder command of the first connections with Office
+    365's `NO [THROTTLED] ... Suggested Backoff Time: 1500 milliseconds` (the real Dovecot behind
+    it): the job waits what the server said, runs again, and ends ok with every message."""
+    users = [new_user(dovecot, tmp_path) for _ in range(2)]
+    counts = [seed(u, 4, 10 * i) for i, u in enumerate(users)]
+    ca = dovecot.root / "ca"
+    with ThrottleProxy(dovecot.imaps_port, ca / "server.pem", ca / "server.key", throttled=1) as proxy:
+        cfg = write_config(tmp_path, dovecot, port=proxy.port, box="connections = 1\n")
+        jobs = write_jobs(tmp_path / "jobs.csv", "command,account,user", [f"backup,box,{u.name}" for u in users])
+        r = fleet(cfg, jobs, "--processes", "1", "--report", str(tmp_path / "r.json"), "--quiet", tmp=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert proxy.refused == 1  # the provider did throttle once
+    rows = {row["account"]: row for row in json.loads((tmp_path / "r.json").read_text())}
+    attempts = sorted(row["attempts"] for row in rows.values())
+    assert attempts == [1, 2], rows  # the throttled job ran again, the other once
+    again = next(row for row in rows.values() if row["attempts"] == 2)
+    assert again["seconds"] >= 1.5, again  # it waited the 1500 ms the server asked for first
+    for u, n in zip(users, counts, strict=True):
+        row = rows[f"box-{u.name}"]
+        assert (row["outcome"], row["exit_code"], row["messages"]) == ("ok", 0, n), row
+        root = tmp_path / "backups" / u.name
+        assert local_state(root) == as_backup(server_state(u), root)  # every message, exactly once
 
 
 def test_run_job_backs_off_on_network_failures_then_gives_up(dovecot, tmp_path):
