@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from imapclient import exceptions as imapx
-from imapclient.response_parser import parse_fetch_response
+from imapclient.response_parser import parse_fetch_response, parse_response
 
 from mailsync import fetch, login, utf7
 from mailsync.config import Account
@@ -39,6 +39,7 @@ log = logging.getLogger("mailsync.imap")
 # still show with --debug, which logs everything.
 logging.getLogger("imapclient").addHandler(logging.NullHandler())
 
+LISTED_STATUS_FRESH = 10.0  # seconds a folder's counters from LIST-STATUS stand in for a STATUS
 BODY_ITEMS = [b"BODY.PEEK[]", b"FLAGS", b"INTERNALDATE"]
 BODY_ANSWER = frozenset({b"UID", b"BODY[]", b"FLAGS", b"INTERNALDATE"})  # what a body answer must carry
 
@@ -62,6 +63,7 @@ class ImapSession:
         self.acc = acc
         self.where = f"{acc.host}:{acc.port}"
         self.valid_until: float | None = None
+        self._listed_status: dict[str, tuple[float, dict[str, int]]] = {}  # name -> (when, counters): LIST-STATUS
         self.broken = False  # a reply could not be read: the connection is out of step
         # TLS or STARTTLS, pin, CAPABILITY, authentication, CAPABILITY again: login.py
         logged = login.log_in(acc, secret, protocol="imap")
@@ -114,7 +116,8 @@ class ImapSession:
         name another folder), is returned with `error` set instead of being guessed at."""
         self.client.folder_encode = False  # raw names: imapclient's decoder is lenient, and raises
         try:
-            listed = self._call(self.client.list_folders)
+            listed = self._call(self._list_with_status) if "LIST-STATUS" in self.caps else \
+                self._call(self.client.list_folders)
         finally:
             self.client.folder_encode = True
         out = []
@@ -141,7 +144,32 @@ class ImapSession:
             out.append(FolderInfo(name=name, delimiter=delim or None, flags=fl, error=error))
         return out
 
+    def _list_with_status(self) -> list:
+        """LIST with RETURN (STATUS ...) (RFC 5819): every folder and its counters in one round
+        trip, instead of a STATUS per folder. The counters are kept for status(), each used once."""
+        items = "MESSAGES UIDNEXT UIDVALIDITY" + (" HIGHESTMODSEQ" if self.condstore else "")
+        imap = self.client._imap
+        imap.untagged_responses.pop("STATUS", None)
+        typ, dat = imap._simple_command("LIST", '""', '"*"', "RETURN", f"(STATUS ({items}))")
+        self.client._checkok("list", typ, dat)
+        typ, dat = imap._untagged_response(typ, dat, "LIST")
+        for line in imap.untagged_responses.pop("STATUS", []):
+            if not isinstance(line, bytes):
+                continue  # (a name sent as a literal: that folder gets its own STATUS)
+            try:
+                raw_name, values = parse_response([line])
+                raw = raw_name if isinstance(raw_name, bytes) else str(raw_name).encode()
+                counters = {k.decode().lower(): int(v) for k, v in zip(values[::2], values[1::2], strict=True)}
+                self._listed_status[utf7.decode(raw.decode("ascii"))] = (time.monotonic(), counters)
+            except (ValueError, TypeError, AttributeError, UnicodeDecodeError):
+                continue  # not understood: that folder gets its own STATUS
+        return self.client._proc_folder_list(dat)
+
     def status(self, name: str) -> dict[str, int]:
+        at, listed = self._listed_status.pop(name, (0.0, {}))
+        if time.monotonic() - at < LISTED_STATUS_FRESH and {"messages", "uidnext", "uidvalidity"} <= listed.keys() \
+                and (not self.condstore or "highestmodseq" in listed):
+            return listed  # from this run's LIST-STATUS, moments ago
         items = [b"MESSAGES", b"UIDNEXT", b"UIDVALIDITY"] + ([b"HIGHESTMODSEQ"] if self.condstore else [])
         raw = self._call(self.client.folder_status, name, items)
         try:
