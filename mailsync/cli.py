@@ -525,6 +525,8 @@ def fleet_run(
     resend_delay: float = typer.Option(30.0, "--resend-delay", help="With --broker: after Redis lost its data, "
                                        "send the unfinished jobs again after this many seconds (>= the workers' "
                                        "--lock-ttl)."),
+    max_bytes_per_host: int = typer.Option(0, "--max-bytes-per-second-per-host", help="With --broker: message "
+                                           "bytes per second to and from one host, over all workers (0: no limit)."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="Config file."),
     debug: bool = typer.Option(False, "--debug", help="Log and show tracebacks."),
 ) -> None:
@@ -537,7 +539,8 @@ def fleet_run(
         code = fleet.run(cfg, jobs, processes=processes, report=report, retries=retries, quiet=quiet,
                          check_logins=check_logins, debug=debug, out=typer.echo,
                          err=lambda line: typer.echo(_show(line), err=True), broker=broker,
-                         max_per_host=max_per_host, broker_wait=broker_wait, resend_delay=resend_delay)
+                         max_per_host=max_per_host, broker_wait=broker_wait, resend_delay=resend_delay,
+                         max_bytes_per_host=max_bytes_per_host)
     raise typer.Exit(code)
 
 

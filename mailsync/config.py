@@ -51,7 +51,7 @@ class Account:
     max_message_size: int | None = None     # skip (with a notice) anything bigger
     starttls: bool = False                  # plaintext port, then STARTTLS (required)
     folder_map: dict | None = None          # migrate: source folder -> destination folder
-    max_bytes_per_second: int | None = None  # migrate/restore: upload rate limit
+    max_bytes_per_second: int | None = None  # message bytes per second, downloads and uploads (ratelimit.py)
     auth: str = "password"                   # "password" | "oauth2"
     oauth2: OAuth2 | None = None             # [accounts.NAME.oauth2], with auth = "oauth2"
     source: Path | None = None  # the config file it came from

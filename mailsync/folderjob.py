@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from mailsync import crashpoint
+from mailsync import crashpoint, ratelimit
 from mailsync.config import Account
 from mailsync.delivery import Delivery, recover
 from mailsync.errors import SafetyAbort, ServerError
@@ -243,6 +243,7 @@ class FolderJob:
         self.progress("folder_start", {"folder": self.info.name, "messages": len(todo),
                                        "bytes": sum(sizes.get(u, 0) for u in todo)})
         unanswered: list[int] = []
+        limiter = ratelimit.current(self.acc)  # max_bytes_per_second, or the fleet's per-host rate
         for batch in batches(sizes, todo, self.acc.batch_bytes):
             if self.stop.is_set():
                 raise Stopped()
@@ -255,6 +256,8 @@ class FolderJob:
             try:
                 for uid, body, fl, kw, when in self.s.stream_bodies(batch, mf.open_staged,
                                                                     max_body=2 * listed + (1 << 20)):
+                    if body is not None:
+                        limiter.take(body.size)  # every body received counts
                     if body is None or uid not in asked:
                         if body is not None:
                             body.discard()  # an answer to something we did not ask for

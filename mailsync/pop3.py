@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from mailsync import login
+from mailsync import login, ratelimit
 from mailsync.config import Account
 from mailsync.delivery import Delivery, recover
 from mailsync.engine import RunResult
@@ -213,6 +213,7 @@ def _download(acc: Account, s: Pop3Session, state: State, res: FolderResult, pro
     rebound: set[str] = set()
     progress("folder_start", {"folder": "INBOX", "messages": len(todo),
                               "bytes": sum(sizes.get(n, 0) for n in todo)})
+    limiter = ratelimit.current(acc)  # max_bytes_per_second, or the fleet's per-host rate
     for batch in batches(sizes, todo, acc.batch_bytes):
         if stop.is_set():
             raise KeyboardInterrupt
@@ -221,6 +222,7 @@ def _download(acc: Account, s: Pop3Session, state: State, res: FolderResult, pro
         try:
             for n in batch:
                 body = s.retr(n)
+                limiter.take(len(body))
                 sha = hashlib.sha256(body).hexdigest()
                 if orphans.get(sha) and n not in refetch:
                     rebinds.append((orphans[sha].pop(), ids[n]))

@@ -171,11 +171,8 @@ class Destination:
         """APPEND (one MULTIAPPEND where offered) with throttling: max_bytes_per_second, and
         backoff when the server says [THROTTLED] or "try again"."""
         size = sum(len(d) for d, _, _ in items)
-        limit = self.acc.max_bytes_per_second
-        if limit:
-            ahead = (self.last_bytes + size) / limit - (time.monotonic() - self.window_start)
-            if ahead > 0:
-                time.sleep(min(ahead, 60))
+        from mailsync import ratelimit
+        ratelimit.current(self.acc).take(size)  # max_bytes_per_second, or the fleet's per-host rate
         for attempt in range(6):
             try:
                 if len(items) > 1 and "MULTIAPPEND" in self.s.caps:

@@ -358,3 +358,56 @@ def test_the_local_fleet_never_imports_celery_or_redis():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60,
                        check=False)
     assert r.stdout.strip() == "[]", r.stderr
+
+
+# -- 8. the per-host byte rate -------------------------------------------------------------------------
+
+def fleet_rate(cfg: Path, jobs: Path, broker: str, rate: int, report_path: Path, tmp: Path):
+    """`fleet run --broker B --max-bytes-per-second-per-host RATE` (run.run's max_bytes_per_host;
+    the CLI option is in mailsync/cli.py), in its own process like the CLI."""
+    code = ("import sys; from pathlib import Path; from mailsync import config; from mailsync.fleet import run; "
+            "sys.exit(run.run(config.load(sys.argv[1]), Path(sys.argv[2]), broker=sys.argv[3], "
+            "max_bytes_per_host=int(sys.argv[4]), report=Path(sys.argv[5]), quiet=True))")
+    env = dict(os.environ, XDG_STATE_HOME=str(tmp / "state"))
+    env.pop("MAILSYNC_CRASH_AT", None)
+    return subprocess.run([sys.executable, "-c", code, str(cfg), str(jobs), broker, str(rate), str(report_path)],
+                          env=env, capture_output=True, text=True, timeout=300, cwd=ROOT, check=False)
+
+
+def test_the_per_host_byte_rate_holds_over_all_workers(dovecot, broker, tmp_path):
+    rate = 200 * 1024
+    users = [new_user(dovecot, tmp_path) for _ in range(8)]
+    for i, u in enumerate(users):
+        u.server.seed(u.name, "INBOX", [msg(i * 1000 + k, "r" * 10_000) for k in range(10)])  # ~100 KB each
+    cfg = write_config(tmp_path, dovecot)
+    jobs = write_jobs(tmp_path / "jobs.csv", "command,account,user", [f"backup,box,{u.name}" for u in users])
+    t0 = time.monotonic()
+    r = fleet_rate(cfg, jobs, broker, rate, tmp_path / "r.json", tmp_path)
+    took = time.monotonic() - t0
+    assert r.returncode == 0, r.stderr
+    rows = report(tmp_path / "r.json")
+    assert [row["outcome"] for row in rows] == ["ok"] * 8
+    total = sum(row["bytes"] for row in rows)
+    assert total >= 8 * 100_000
+    # the 4 worker processes ran the jobs side by side, sharing one bucket in Redis: together they
+    # cannot have moved the bytes faster than the rate (the bucket starts empty; one second of
+    # slack all the same). Each with its own bucket they would have needed about a quarter of it.
+    assert took >= (total - rate) / rate, (took, total)
+    assert len({row["worker"] for row in rows}) == 2  # both workers took jobs
+    import redis
+
+    from mailsync.fleet.celery_app import rate_key
+    assert redis.Redis.from_url(broker).exists(rate_key("127.0.0.1"))  # the shared bucket was used
+    for u in users:
+        assert exact(u, tmp_path), u.name
+
+
+def test_the_per_host_byte_rate_needs_the_broker(dovecot, tmp_path):
+    from mailsync import config
+    from mailsync.errors import ConfigError
+    from mailsync.fleet import run
+    u = new_user(dovecot, tmp_path)
+    cfg = write_config(tmp_path, dovecot)
+    jobs = write_jobs(tmp_path / "jobs.csv", "command,account,user", [f"backup,box,{u.name}"])
+    with pytest.raises(ConfigError, match="only with --broker"):
+        run.run(config.load(cfg), jobs, max_bytes_per_host=100_000, quiet=True)

@@ -1,6 +1,7 @@
 """The Celery side of `mailsync fleet` (the optional extra `mailsync[fleet]`: celery, redis): the
 Celery app and its settings, the task that runs one job (work.run_job) on a worker, the per-account
-lock and the per-host connection semaphore in Redis, and the per-job progress hash.
+lock, the per-host connection semaphore and byte-rate token bucket in Redis, and the per-job
+progress hash.
 
 Only `fleet run --broker`, `fleet worker` and `fleet status` import this module; the local fleet
 and the other commands never import celery or redis. docs/fleet.md explains every setting.
@@ -155,6 +156,65 @@ for i = 1, n do redis.call('ZADD', KEYS[1], now + ttl, ARGV[1] .. '#' .. i) end
 redis.call('PEXPIRE', KEYS[1], ttl * 2)
 return 1
 """
+
+
+# a token bucket per host (docs/fleet.md, "The per-host byte rate"): a hash of tokens (bytes,
+# may go negative: the waits already promised) and the time it was last updated (ms, Redis's
+# clock, so the workers' clocks do not matter). ARGV: rate (bytes/s), burst (bytes), bytes to take.
+# Returns the milliseconds the caller must wait before its bytes fit.
+_RATE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local rate, burst, n = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local v = redis.call('HMGET', KEYS[1], 'tokens', 'ms')
+local tokens, ms = tonumber(v[1]), tonumber(v[2])
+if not tokens or not ms then tokens, ms = 0, now end
+tokens = math.min(burst, tokens + math.max(0, now - ms) * rate / 1000) - n
+redis.call('HSET', KEYS[1], 'tokens', string.format('%.17g', tokens), 'ms', string.format('%.17g', now))
+redis.call('PEXPIRE', KEYS[1], 3600000)
+if tokens >= 0 then return 0 end
+return math.ceil(-tokens * 1000 / rate)
+"""
+
+
+def rate_key(host: str) -> str:
+    return f"{PREFIX}:rate:{host.lower()}"
+
+
+class RedisBucket:
+    """ratelimit.Limiter shared by every worker: the token bucket of one host in Redis. Like the
+    local one it starts empty, holds one second of the rate, and charges one take at most 60 s
+    of it. Redis away: the bytes pass unlimited (logged), the job goes on."""
+
+    def __init__(self, r, host: str, rate: int, sleep=time.sleep) -> None:
+        from mailsync.ratelimit import MAX_WAIT
+        self.r, self.key, self.rate, self.sleep = r, rate_key(host), rate, sleep
+        self.burst, self.cap = rate, int(MAX_WAIT * rate)
+
+    def take(self, nbytes: int) -> None:
+        if nbytes <= 0:
+            return
+        try:
+            ms = int(self.r.eval(_RATE, 1, self.key, self.rate, self.burst, min(nbytes, self.cap)))
+        except Exception:  # Redis away a moment: do not fail the job for it
+            log.debug("rate limit: Redis unreachable; %d bytes not limited", nbytes, exc_info=True)
+            return
+        if ms > 0:
+            self.sleep(ms / 1000)
+
+
+def rate_factory(r, rate: int):
+    """For ratelimit.install: each account's host gets its Redis bucket at `rate` bytes/s, with
+    the account's own max_bytes_per_second (process-local) as well."""
+    from mailsync import ratelimit
+    buckets: dict[str, RedisBucket] = {}
+
+    def factory(acc):
+        host = acc.host.lower()
+        if host not in buckets:
+            buckets[host] = RedisBucket(r, host, rate)
+        return ratelimit.chain(ratelimit.local(acc), buckets[host])
+    return factory
 
 
 def lock_keys(keys) -> list[str]:
@@ -330,7 +390,8 @@ def _prepare(self, r, tid: str, path: str, job: dict, me: str, run_id: str, max_
 
 
 def _run_task(self, config_path: str, job: dict, retries: int = 3, login_only: bool = False, run_id: str = "",
-              max_per_host: int = 0) -> dict:
+              max_per_host: int = 0, max_bytes_per_host: int = 0) -> dict:
+    from mailsync import ratelimit
     from mailsync.fleet.work import failed_result, run_job
     s = SETTINGS
     r = client(self.app.conf.broker_url)
@@ -356,10 +417,14 @@ def _run_task(self, config_path: str, job: dict, retries: int = 3, login_only: b
         except Exception:  # noqa: BLE001 - Redis away a moment: the count is only for `fleet status`
             status.attempt = 1
         status.write("running")
+        # a pool process runs one job at a time: the per-host byte rate is installed for this job
+        prev = ratelimit.install(rate_factory(r, max_bytes_per_host) if max_bytes_per_host else None)
         try:
             result = run_job(path, job, retries=retries, login_only=login_only, progress=status)
         except Exception as exc:  # noqa: BLE001 - the soft time limit, or a bug: reported, not raised
             result = failed_result(job, f"{type(exc).__name__}: {exc}")
+        finally:
+            ratelimit.install(prev)
     finally:
         if held is not None:
             held.release()

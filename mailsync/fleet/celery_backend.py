@@ -29,11 +29,12 @@ def _errors():
 
 class CeleryBackend(Backend):
     def __init__(self, broker: str, config_path: str, *, capacity: int, retries: int = 3, login_only: bool = False,
-                 max_per_host: int = 10, broker_wait: float = 120.0, resend_delay: float = 30.0,
+                 max_per_host: int = 10, max_bytes_per_host: int = 0, broker_wait: float = 120.0, resend_delay: float = 30.0,
                  warn: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> None:
         _, redis = ca._imports()
         self.broker, self.config_path, self.capacity = broker, str(config_path), max(1, capacity)
         self.retries, self.login_only, self.max_per_host = retries, login_only, max_per_host
+        self.max_bytes_per_host = max_bytes_per_host
         self.broker_wait, self.resend_delay, self.warn = broker_wait, resend_delay, warn
         self.r = redis.Redis.from_url(broker, socket_timeout=5, socket_connect_timeout=3)
         try:
@@ -68,9 +69,11 @@ class CeleryBackend(Backend):
 
     def _send(self, tid: str, job: dict, countdown: float | None = None) -> None:
         self._queued(job)
-        self.task.apply_async((self.config_path, job), {"retries": self.retries, "login_only": self.login_only,
-                                                        "run_id": self.run_id, "max_per_host": self.max_per_host},
-                              task_id=tid, countdown=countdown, retry=False)
+        kw = {"retries": self.retries, "login_only": self.login_only, "run_id": self.run_id,
+              "max_per_host": self.max_per_host}
+        if self.max_bytes_per_host:  # only when given: workers of an older version take these jobs too
+            kw["max_bytes_per_host"] = self.max_bytes_per_host
+        self.task.apply_async((self.config_path, job), kw, task_id=tid, countdown=countdown, retry=False)
 
     def submit(self, job: dict) -> str:
         tid = f"{self.run_id}-{job.get('line')}-{uuid.uuid4().hex[:8]}"

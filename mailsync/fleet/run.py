@@ -148,7 +148,7 @@ def run(cfg: Config, jobs_path: Path, *, processes: int = 4, report: Path | None
         quiet: bool = False, check_logins: bool = False, debug: bool = False,
         out: Echo = print, err: Echo = lambda s: print(s, file=sys.stderr),
         backend: Backend | None = None, broker: str | None = None, max_per_host: int = 10,
-        broker_wait: float = 120.0, resend_delay: float = 30.0) -> int:
+        broker_wait: float = 120.0, resend_delay: float = 30.0, max_bytes_per_host: int = 0) -> int:
     """The command. Returns its exit code: 0 every job ok, 9 some not, 2 a bad jobs file or
     option (nothing ran), 130 interrupted."""
     if not 1 <= processes <= 64:
@@ -159,6 +159,11 @@ def run(cfg: Config, jobs_path: Path, *, processes: int = 4, report: Path | None
         report_format(report)
         if not report.parent.is_dir():
             raise ConfigError(f"--report {report}: directory {report.parent} does not exist")
+    if max_bytes_per_host and not broker and backend is None:
+        raise ConfigError(f"--max-bytes-per-second-per-host {max_bytes_per_host}: only with --broker (the local "
+                          "fleet limits each process: set max_bytes_per_second on the accounts)")
+    if max_bytes_per_host and max_bytes_per_host < 1024:
+        raise ConfigError(f"--max-bytes-per-second-per-host {max_bytes_per_host}: give at least 1024")
     try:
         jobs = read_jobs(jobs_path, cfg)
     except JobsError as exc:
@@ -174,7 +179,8 @@ def run(cfg: Config, jobs_path: Path, *, processes: int = 4, report: Path | None
             CeleryBackend,  # the fleet extra: celery, redis
         )
         backend = CeleryBackend(broker, str(cfg.path.resolve()), capacity=len(jobs), retries=retries,
-                                login_only=check_logins, max_per_host=max_per_host, broker_wait=broker_wait,
+                                login_only=check_logins, max_per_host=max_per_host,
+                                max_bytes_per_host=max_bytes_per_host, broker_wait=broker_wait,
                                 resend_delay=resend_delay, warn=err)
     backend = backend or LocalBackend(str(cfg.path.resolve()), min(processes, len(jobs)), retries=retries,
                                       login_only=check_logins, debug=debug, live=show_bars)
