@@ -63,6 +63,7 @@ bench: deps venv
 	$(BIN)/python -m bench.backup --messages 10000 --mode sync
 	$(BIN)/python -m bench.protocols --messages 2000
 	$(BIN)/python -m bench.migrate --messages 5000
+	$(BIN)/python -m bench.fleet --mailboxes 50 --messages 500 --repeat 3
 
 clean:
 	rm -rf $(VENV) .demo .bench .pytest_cache .hypothesis
