@@ -16,19 +16,12 @@ import typer
 from mailsync import __version__, crashpoint
 from mailsync import config as config_mod
 from mailsync.errors import ConfigError, ConnectionLost, MailsyncError, PartialFailure, SafetyAbort
+from mailsync.model import human_size
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, invoke_without_command=True, pretty_exceptions_enable=False,
                   help="Keep a local Maildir in step with your mail servers.")
 
 _opts: dict = {}
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GB"
 
 
 def _show(text) -> str:
@@ -140,7 +133,7 @@ class _Bars:
             if f.failed:
                 self.msgs.write(f"{_show(f.name)}: failed: {_show(f.error)}")
             elif f.new or f.refetched or f.flags_changed or f.gone:
-                self.msgs.write(f"{_show(f.name)}: {f.new + f.refetched} new ({_human(f.bytes)}), "
+                self.msgs.write(f"{_show(f.name)}: {f.new + f.refetched} new ({human_size(f.bytes)}), "
                                 f"{f.flags_changed} flags changed, {f.gone} gone, {f.seconds:.1f} s")
 
     def close(self) -> None:
@@ -605,7 +598,7 @@ def fleet_status(
 def _line(r) -> str:
     fs = r.folders
     new = sum(f.new for f in fs)
-    parts = [f"{r.account}: {len(fs)} folders", f"{new} new ({_human(sum(f.bytes for f in fs))})",
+    parts = [f"{r.account}: {len(fs)} folders", f"{new} new ({human_size(sum(f.bytes for f in fs))})",
              f"{sum(f.flags_changed for f in fs)} flags changed",
              f"{sum(f.gone_from_server for f in fs)} gone from server"]
     if any(f.uploaded or f.flags_pushed or f.deleted_local or f.deleted_remote for f in fs):

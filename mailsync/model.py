@@ -18,6 +18,15 @@ LETTER_FLAGS: dict[str, str] = {v: k for k, v in FLAG_LETTERS.items()}
 _CANON = {k.lower(): k for k in FLAG_LETTERS}
 
 
+def human_size(n: float) -> str:
+    """Bytes for people: 512 B, 3.4 KB, 1.2 MB (the summaries and reports)."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
 def normalise_flags(raw) -> tuple[frozenset[str], frozenset[str]]:
     """Split server flags into (system flags we map, keywords). \\Recent is the server's: dropped.
     A folder has few distinct flag sets: each is split once and its frozensets shared."""

@@ -336,11 +336,7 @@ class ThrottleProxy(_Listener):
             except OSError:
                 pass
             finally:
-                for s in (down, up):
-                    try:
-                        s.close()
-                    except OSError:
-                        pass
+                _close(down, up)
 
         threading.Thread(target=to_client, daemon=True).start()
         pending = b""
@@ -368,8 +364,12 @@ class ThrottleProxy(_Listener):
         except OSError:
             pass
         finally:
-            for s in (down, up):
-                try:
-                    s.close()
-                except OSError:
-                    pass
+            _close(down, up)
+
+
+def _close(*socks: socket.socket) -> None:
+    for s in socks:
+        try:
+            s.close()
+        except OSError:
+            pass

@@ -192,10 +192,10 @@ def status(broker: str, run_id: str | None = None) -> tuple[str, list[dict]]:
 
 
 def status_line(row: dict, now: float | None = None) -> str:
-    from mailsync.fleet.run import human
+    from mailsync.model import human_size
     age = (now or time.time()) - (row.get("updated") or 0)
     dst = f" -> {row['destination']}" if row.get("destination") else ""
-    parts = [row.get("state", "?"), f"{row.get('messages', 0)} messages ({human(row.get('bytes', 0))})"]
+    parts = [row.get("state", "?"), f"{row.get('messages', 0)} messages ({human_size(row.get('bytes', 0))})"]
     if row.get("attempt"):
         parts.append(f"attempt {row['attempt']}")
     if row.get("worker"):

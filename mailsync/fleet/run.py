@@ -17,6 +17,7 @@ from mailsync.errors import ConfigError
 from mailsync.fleet.backend import Backend, LocalBackend
 from mailsync.fleet.jobs import Job, JobsError, accounts_of, read_jobs
 from mailsync.fleet.work import INTERRUPTED, NOT_RUN, OK, blank_result
+from mailsync.model import human_size
 
 COLUMNS = ("line", "account", "command", "destination", "outcome", "exit_code", "messages", "bytes", "folders",
            "seconds", "attempts", "worker", "error")
@@ -104,14 +105,6 @@ def write_report(path: Path, rows: list[dict]) -> None:
     os.replace(tmp, path)
 
 
-def human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GB"
-
-
 def summary(rows: list[dict], seconds: float) -> str:
     """"fleet: 20 jobs: 18 ok, 2 failed (1 auth, 1 network) (1234 messages, 5.6 MB) in 12.3 s"."""
     n = Counter(r["outcome"] for r in rows)
@@ -120,11 +113,11 @@ def summary(rows: list[dict], seconds: float) -> str:
              + (f" ({', '.join(f'{v} {k}' for k, v in failed.items())})" if failed else "")]
     parts += [f"{n[k]} {k.replace('-', ' ')}" for k in (INTERRUPTED, NOT_RUN) if n[k]]
     return (f"fleet: {len(rows)} jobs: {', '.join(parts)} ({sum(r['messages'] for r in rows)} messages, "
-            f"{human(sum(r['bytes'] for r in rows))}) in {seconds:.1f} s")
+            f"{human_size(sum(r['bytes'] for r in rows))}) in {seconds:.1f} s")
 
 
 def _line(job: Job, r: dict) -> str:
-    what = f"{r['outcome']}, {r['messages']} messages ({human(r['bytes'])}), {r['seconds']:.1f} s"
+    what = f"{r['outcome']}, {r['messages']} messages ({human_size(r['bytes'])}), {r['seconds']:.1f} s"
     if r["attempts"] > 1:
         what += f", {r['attempts']} attempts"
     return f"{job.label}: {what}" + (f": {r['error']}" if r["error"] else "")
