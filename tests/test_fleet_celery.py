@@ -169,18 +169,31 @@ def test_a_job_of_a_killed_worker_is_delivered_again_and_completes(dovecot, brok
     small = [new_user(dovecot, tmp_path) for _ in range(2)]
     for i, u in enumerate(small):
         seed(u, 2, 100 * i)
-    cfg = write_config(tmp_path, dovecot)
+    # the big job is paced (8 MB at 2 MB/s: about 4 s), so that however fast this machine it is
+    # still running when the test sees it and kills its worker; in batches of 256 KB, so that what
+    # it stored before the kill is committed and the redelivered job fetches only the rest
+    cfg = write_config(tmp_path, dovecot, extra=f"""
+[templates.slow]
+host = "127.0.0.1"
+port = {dovecot.imaps_port}
+ca_file = "{dovecot.ca_file}"
+username = "{{user}}"
+password_command = ["printf", "%s", "pw-{{user}}"]
+maildir = "{tmp_path}/backups/{{user}}"
+max_bytes_per_second = 2000000
+batch_bytes = 262144
+""")
     jobs = write_jobs(tmp_path / "jobs.csv", "command,account,user",
-                      [f"backup,box,{big.name}"] + [f"backup,box,{u.name}" for u in small])
+                      [f"backup,slow,{big.name}"] + [f"backup,box,{u.name}" for u in small])
     env = dict(os.environ, XDG_STATE_HOME=str(tmp_path / "state"))
     p = subprocess.Popen([sys.executable, "-m", "mailsync", "--config", str(cfg), "fleet", "run", str(jobs),
                           "--broker", broker, "--report", str(tmp_path / "r.json")],
                          env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     victim = None
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 60
     while victim is None and time.monotonic() < deadline:  # the worker that runs the big job, mid-job
         _, rows = status(broker)
-        row = next((r for r in rows if r["account"] == f"box-{big.name}"), None)
+        row = next((r for r in rows if r["account"] == f"slow-{big.name}"), None)
         if row and row["state"] == "running" and row["messages"] > 50:
             victim = int(row["worker"].split(":")[1])
         time.sleep(0.05)
@@ -189,11 +202,11 @@ def test_a_job_of_a_killed_worker_is_delivered_again_and_completes(dovecot, brok
     _, err = p.communicate(timeout=120)
     assert p.returncode == 0, err
     rows = {row["account"]: row for row in report(tmp_path / "r.json")}
-    row = rows[f"box-{big.name}"]
+    row = rows[f"slow-{big.name}"]
     assert row["outcome"] == "ok" and int(row["worker"].split(":")[1]) != victim  # finished elsewhere
     assert 0 < row["messages"] < 4000  # the second run fetched only what the first had not stored
     _, st = status(broker)
-    assert next(r for r in st if r["account"] == f"box-{big.name}")["attempt"] == 2
+    assert next(r for r in st if r["account"] == f"slow-{big.name}")["attempt"] == 2
     for u in [big, *small]:
         assert exact(u, tmp_path), u.name  # every message, none twice
 
