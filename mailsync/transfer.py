@@ -125,8 +125,6 @@ class Destination:
         self.folders = {f.name: f for f in s.list_folders()}
         self.delim = next((f.delimiter for f in self.folders.values() if f.delimiter), None) or "/"
         self.special = special_folders(list(self.folders.values()))
-        self.last_bytes = 0.0
-        self.window_start = time.monotonic()
 
     def ensure(self, name: str) -> None:
         if name not in self.folders and name.upper() != "INBOX":
@@ -179,7 +177,6 @@ class Destination:
                     uids = self.s.multiappend(name, items)
                 else:
                     uids = [self.s.append(name, d, f, w) for d, f, w in items]
-                self.last_bytes += size
                 crashpoint.hit("appended")
                 return uids
             except ServerError as exc:

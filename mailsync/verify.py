@@ -283,6 +283,23 @@ def _digest(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+def rehash(rep: FolderReport, id_, shown: str, path: Path, recorded: str, old: str = "") -> str | None:
+    """The file's SHA-256, checked against the one its record holds (a mismatch or an unreadable
+    file goes into rep.hash_mismatches, a record without a checksum counts as unhashed); None if
+    the file cannot be read. old: what to add to each problem (a record of an old UIDVALIDITY)."""
+    try:
+        got = _digest(path)
+    except OSError as exc:
+        rep.hash_mismatches.append(Problem(id_, shown, f"cannot read the file: {exc.strerror or exc}{old}"))
+        return None
+    if not recorded:
+        rep.unhashed += 1
+    elif got != recorded:
+        rep.hash_mismatches.append(Problem(id_, shown, f"the file's SHA-256 {got[:16]}... differs from the "
+                                           f"state's {recorded[:16]}... (corrupted or changed){old}"))
+    return got
+
+
 def deep_compare(rep: FolderReport, id_, shown: str, body: bytes, path: Path, file_sha: str) -> None:
     """--deep, both protocols: the server's bytes against the file's. The same bytes: nothing to
     say; the same message in another form (identity.py): `other_form`; else a content mismatch."""
@@ -385,19 +402,11 @@ class _Checker:
             sub, name = on_disk[rec.key]
             uid = rec.uid if v == validity else None
             old = "" if v == validity else f" (UID {rec.uid} of the old UIDVALIDITY {v})"
-            try:
-                local_sha[rec.key] = got = _digest(job.path / sub / name)
-            except OSError as exc:
+            got = rehash(rep, uid, where(rec.key), job.path / sub / name, rec.sha256, old)
+            if got is None:
                 unreadable.add(rec.key)
-                rep.hash_mismatches.append(Problem(uid, where(rec.key), f"cannot read the file: "
-                                                   f"{exc.strerror or exc}{old}"))
-                continue
-            if not rec.sha256:
-                rep.unhashed += 1
-            elif got != rec.sha256:
-                rep.hash_mismatches.append(Problem(
-                    uid, where(rec.key), f"the file's SHA-256 {got[:16]}... differs from the state's "
-                    f"{rec.sha256[:16]}... (corrupted or changed){old}"))
+            else:
+                local_sha[rec.key] = got
         if rep.unhashed:
             rep.notes.append(f"{rep.unhashed} files have no checksum in the state (paired by Message-ID "
                              "in sync mode); only --deep checks their content")
@@ -676,17 +685,9 @@ def _check_pop3(acc: Account, s, state: _ReadOnlyState, deep: bool, progress: Pr
         if rec.key not in on_disk or rec.key in local_sha:
             continue
         sub, name = on_disk[rec.key]
-        try:
-            local_sha[rec.key] = got = _digest(root / sub / name)
-        except OSError as exc:
-            rep.hash_mismatches.append(Problem(uidl, where(rec.key), f"cannot read the file: {exc.strerror or exc}"))
-            continue
-        if not rec.sha256:
-            rep.unhashed += 1
-        elif got != rec.sha256:
-            rep.hash_mismatches.append(Problem(
-                uidl, where(rec.key), f"the file's SHA-256 {got[:16]}... differs from the state's "
-                f"{rec.sha256[:16]}... (corrupted or changed)"))
+        got = rehash(rep, uidl, where(rec.key), root / sub / name, rec.sha256)
+        if got is not None:
+            local_sha[rec.key] = got
 
     # server <-> state <-> files
     last_known = max((n for n, u in ids.items() if u in recs), default=0)

@@ -40,6 +40,19 @@ def new_user(dovecot, tmp: Path, password: str | None = None) -> MailUser:
     return MailUser(dovecot, name, f"pw-{name}" if password is None else password, tmp)
 
 
+def box_template(name: str, server, tmp: Path, more: str = "") -> str:
+    """A [templates.NAME] like [templates.box] on another server (or with more keys)."""
+    return f"""
+[templates.{name}]
+host = "127.0.0.1"
+port = {server.imaps_port}
+ca_file = "{server.ca_file}"
+username = "{{user}}"
+password_command = ["printf", "%s", "pw-{{user}}"]
+maildir = "{tmp}/backups/{{user}}"
+{more}"""
+
+
 def write_config(tmp: Path, dovecot, port: int | None = None, extra: str = "", box: str = "") -> Path:
     """One template per role, filled from the jobs file's `user` (and `target`) columns; box:
     more keys for [templates.box], extra: more tables."""
@@ -184,15 +197,7 @@ def test_a_wrong_password_fails_that_job_only(dovecot, fast_fail_dovecot, tmp_pa
 
     def config(ff: Dovecot) -> Path:
         ff.add_user(bad.name, bad.password)
-        return write_config(tmp_path, dovecot, extra=f"""
-[templates.boxb]
-host = "127.0.0.1"
-port = {ff.imaps_port}
-ca_file = "{ff.ca_file}"
-username = "{{user}}"
-password_command = ["printf", "%s", "pw-{{user}}"]
-maildir = "{tmp_path}/backups/{{user}}"
-""")
+        return write_config(tmp_path, dovecot, extra=box_template("boxb", ff, tmp_path))
 
     jobs = write_jobs(tmp_path / "jobs.csv", "command,account,user",
                       [f"backup,box,{good[0].name}", f"backup,boxb,{bad.name}", f"backup,box,{good[1].name}",

@@ -20,6 +20,7 @@ from mailsync.fleet.run import COLUMNS
 from tests.helpers import ROOT, msg
 from tests.redis_server import RedisServer
 from tests.test_fleet import (  # noqa: F401
+    box_template,
     content,
     fast_fail_dovecot,
     fleet,
@@ -172,17 +173,8 @@ def test_a_job_of_a_killed_worker_is_delivered_again_and_completes(dovecot, brok
     # the big job is paced (8 MB at 2 MB/s: about 4 s), so that however fast this machine it is
     # still running when the test sees it and kills its worker; in batches of 256 KB, so that what
     # it stored before the kill is committed and the redelivered job fetches only the rest
-    cfg = write_config(tmp_path, dovecot, extra=f"""
-[templates.slow]
-host = "127.0.0.1"
-port = {dovecot.imaps_port}
-ca_file = "{dovecot.ca_file}"
-username = "{{user}}"
-password_command = ["printf", "%s", "pw-{{user}}"]
-maildir = "{tmp_path}/backups/{{user}}"
-max_bytes_per_second = 2000000
-batch_bytes = 262144
-""")
+    cfg = write_config(tmp_path, dovecot, extra=box_template(
+        "slow", dovecot, tmp_path, "max_bytes_per_second = 2000000\nbatch_bytes = 262144\n"))
     jobs = write_jobs(tmp_path / "jobs.csv", "command,account,user",
                       [f"backup,slow,{big.name}"] + [f"backup,box,{u.name}" for u in small])
     env = dict(os.environ, XDG_STATE_HOME=str(tmp_path / "state"))
@@ -219,15 +211,7 @@ def test_a_wrong_password_is_reported_and_not_retried(dovecot, broker, fast_fail
     bad = new_user(ff, tmp_path, password="not-what-the-template-says")
     for i, u in enumerate([*good, bad]):
         seed(u, 2, 100 * i)
-    cfg = write_config(tmp_path, dovecot, extra=f"""
-[templates.boxb]
-host = "127.0.0.1"
-port = {ff.imaps_port}
-ca_file = "{ff.ca_file}"
-username = "{{user}}"
-password_command = ["printf", "%s", "pw-{{user}}"]
-maildir = "{tmp_path}/backups/{{user}}"
-""")
+    cfg = write_config(tmp_path, dovecot, extra=box_template("boxb", ff, tmp_path))
     jobs = write_jobs(tmp_path / "jobs.csv", "command,account,user",
                       [f"backup,box,{good[0].name}", f"backup,boxb,{bad.name}",
                        f"backup,box,{good[1].name}", f"backup,box,{good[2].name}"])
