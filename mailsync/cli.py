@@ -390,6 +390,29 @@ def auth(
         typer.echo(f"mailsync: {acc.name}: authorized; tokens stored ({oauth2.status(acc).get('store', '')})")
 
 
+@app.command()
+def watch(
+    accounts: list[str] = typer.Argument(None, help="Accounts to keep in step (default: every account)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only errors and notices, not one line per sync."),
+    as_json: bool = typer.Option(False, "--json", help="One line of JSON per sync and per event, on stdout."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Config file."),
+    debug: bool = typer.Option(False, "--debug", help="Log and show tracebacks."),
+) -> None:
+    """Stay running and sync when mail changes: IMAP IDLE on each account's watch_folders, a full
+    sync every poll_interval (POP3 accounts: a download), local changes pushed in mode sync.
+    SIGTERM or Ctrl-C ends it cleanly."""
+    debug = _setup(config, debug)
+    with _Errors(debug, "mailsync: watch stopped; what was saved is kept"):
+        cfg = _load(config)
+        names = list(accounts or cfg.accounts)
+        if not names:
+            raise ConfigError(f"{cfg.path} has no accounts", hint="add an [accounts.NAME] table")
+        accs = [cfg.account(n) for n in names]
+        from mailsync import watch as watch_mod
+        code = watch_mod.run(accs, out=typer.echo, quiet=quiet, as_json=as_json, debug=debug)
+    raise typer.Exit(code)
+
+
 def _maybe_accounts(config: Optional[Path]) -> set[str]:
     """Account names a config file that failed to load seems to name (to report its error)."""
     import re

@@ -54,6 +54,9 @@ class Account:
     max_bytes_per_second: int | None = None  # message bytes per second, downloads and uploads (ratelimit.py)
     auth: str = "password"                   # "password" | "oauth2"
     oauth2: OAuth2 | None = None             # [accounts.NAME.oauth2], with auth = "oauth2"
+    watch_folders: tuple[str, ...] = ("INBOX",)  # watch: folders kept in IDLE, one connection each
+    poll_interval: float = 300.0             # watch: seconds between full syncs (and POP3 polls)
+    idle_renew: float = 1500.0               # watch: seconds before IDLE is ended and begun again
     source: Path | None = None  # the config file it came from
 
     def __repr__(self) -> str:  # never show secrets, even by accident
@@ -143,6 +146,9 @@ _KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "max_bytes_per_second": ((int,), "a number of bytes per second"),
     "auth": ((str,), '"password" or "oauth2"'),
     "oauth2": ((dict,), "a table [accounts.NAME.oauth2]"),
+    "watch_folders": ((list,), 'a list of folder names like ["INBOX", "Work"]'),
+    "poll_interval": ((int, float), "seconds"),
+    "idle_renew": ((int, float), "seconds"),
 }
 
 
@@ -317,6 +323,18 @@ def _account(name: str, sec, path: Path, warnings: list[str], where: str | None 
     auth = choice("auth", ("password", "oauth2"), "password")
     oauth2 = _oauth2(where, sec.get("oauth2"), auth, sources)
 
+    watch_folders = sec.get("watch_folders", ["INBOX"])
+    if not all(isinstance(f, str) and f for f in watch_folders) or len(watch_folders) > 16:
+        raise ConfigError(f"{where}: 'watch_folders' must be a list of at most 16 folder names",
+                          hint="each is kept in IDLE on a connection of its own; the others are polled")
+    poll_interval = sec.get("poll_interval", 300)
+    if not 1 <= poll_interval <= 86400:
+        raise ConfigError(f"{where}: 'poll_interval' must be between 1 and 86400 seconds")
+    idle_renew = sec.get("idle_renew", 1500)
+    if not 1 <= idle_renew <= 1740:
+        raise ConfigError(f"{where}: 'idle_renew' must be between 1 and 1740 seconds",
+                          hint="servers may end an IDLE after 30 minutes (RFC 2177); the default is 1500")
+
     return Account(
         name=name,
         host=need("host"),
@@ -347,6 +365,9 @@ def _account(name: str, sec, path: Path, warnings: list[str], where: str | None 
         max_bytes_per_second=mbps,
         auth=auth,
         oauth2=oauth2,
+        watch_folders=tuple(watch_folders),
+        poll_interval=float(poll_interval),
+        idle_renew=float(idle_renew),
         source=path,
     )
 
