@@ -5,6 +5,7 @@ and a TLS listener with a certificate of our choosing."""
 from __future__ import annotations
 
 import datetime
+import selectors
 import socket
 import ssl
 import threading
@@ -373,3 +374,41 @@ def _close(*socks: socket.socket) -> None:
             s.close()
         except OSError:
             pass
+
+
+class QuietCutProxy(_Listener):
+    """Forwards to 127.0.0.1:target and cuts a connection on which nothing passed, either way, for
+    `quiet` seconds: what a NAT box or a firewall does to a quiet connection (a long IDLE).
+    `cuts` counts the connections it cut."""
+
+    def __init__(self, target: int, quiet: float) -> None:
+        self.target, self.quiet = target, quiet
+        self.cuts = 0
+        super().__init__()
+
+    def handle(self, conn: socket.socket) -> None:
+        try:
+            up = socket.create_connection(("127.0.0.1", self.target), timeout=10)
+        except OSError:
+            conn.close()
+            return
+        self.conns.append(up)
+        sel = selectors.DefaultSelector()
+        sel.register(conn, selectors.EVENT_READ, up)
+        sel.register(up, selectors.EVENT_READ, conn)
+        try:
+            while not self.closing.is_set():
+                ready = sel.select(self.quiet)
+                if not ready:
+                    self.cuts += 1
+                    break
+                for key, _ in ready:
+                    data = key.fileobj.recv(65536)
+                    if not data:
+                        return
+                    key.data.sendall(data)
+        except OSError:
+            pass
+        finally:
+            sel.close()
+            _close(conn, up)
