@@ -55,6 +55,7 @@ log = logging.getLogger("mailsync.watch")
 
 DEBOUNCE = 0.1        # seconds to gather wake-ups that come together (a burst of deliveries)
 LOCAL_CHECK = 1.0     # seconds between looks at the Maildir's stamps (mode sync)
+ALL = "all folders"  # the label of a NOTIFY listener
 IDLE_TICK = 1.0       # seconds an IDLE listener waits for the server before it looks at `stop`
 MAX_BACKOFF = 60.0    # seconds, the longest wait before reconnecting or retrying a failed sync
 LOCKED_RETRY = 5.0    # seconds: another mailsync holds the account's lock
@@ -118,8 +119,7 @@ class Watcher:
                 first = False
                 for a in self.accounts:
                     if a.acc.protocol == "imap":
-                        for folder in a.acc.watch_folders:
-                            self._listen(a, folder)
+                        self._listen(a, None)
         return 0
 
     def _gather(self) -> None:
@@ -212,55 +212,72 @@ class Watcher:
 
     # -- IDLE listeners ---------------------------------------------------------------------
 
-    def _listen(self, a: _Account, folder: str) -> None:
-        t = threading.Thread(target=self._idle, args=(a, folder), name=f"idle {a.acc.name} {folder}", daemon=True)
+    def _listen(self, a: _Account, folder: str | None) -> None:
+        t = threading.Thread(target=self._idle, args=(a, folder), name=f"idle {a.acc.name} {folder or ALL}",
+                             daemon=True)
         self._threads.append(t)
         t.start()
 
-    def _idle(self, a: _Account, folder: str) -> None:
-        """Keep `folder` in IDLE; wake the account on any change; reconnect with backoff."""
-        acc, attempt = a.acc, 0
+    def _idle(self, a: _Account, folder: str | None) -> None:
+        """Listen for changes on one connection, reconnecting with backoff; wake the account on any.
+
+        folder None: the account's first listener. Where the server has NOTIFY (RFC 5465), it
+        covers every folder on this one connection; else it keeps the first of watch_folders in
+        IDLE and starts a listener of its own for each of the others."""
+        acc, attempt, spread = a.acc, 0, False
         while not self.stop.is_set():
             session = None
             try:
                 from mailsync.imap import ImapSession
                 session = ImapSession(acc, a.secret)
+                label = folder
                 if "IDLE" not in session.caps:
-                    self.say("no_idle", acc.name, f"the server has no IDLE; {folder} is polled every "
-                             f"{acc.poll_interval:.0f} s", folder=folder)
+                    self.say("no_idle", acc.name, f"the server has no IDLE; every folder is synced every "
+                             f"{acc.poll_interval:.0f} s", folder=label)
                     return
-                try:
-                    _select(session, folder)
-                except ServerError as exc:  # no such folder, say: asking again gets the same answer
-                    self.say("no_idle", acc.name, f"cannot watch {folder}: {exc}; it is synced every "
-                             f"{acc.poll_interval:.0f} s", error=True, folder=folder, error_text=str(exc))
-                    return
-                self.say("listening", acc.name, f"{folder}: waiting for changes (IDLE)", folder=folder,
-                         reconnected=attempt > 0)
+                if folder is None and "NOTIFY" in session.caps:
+                    _notify(session)
+                    label = ALL
+                elif folder is None:
+                    label = acc.watch_folders[0]
+                    if not spread:
+                        spread = True
+                        for other in acc.watch_folders[1:]:
+                            self._listen(a, other)
+                if label != ALL:
+                    try:
+                        _select(session, label)
+                    except ServerError as exc:  # no such folder, say: asking again gets the same answer
+                        self.say("no_idle", acc.name, f"cannot watch {label}: {exc}; it is synced every "
+                                 f"{acc.poll_interval:.0f} s", error=True, folder=label, error_text=str(exc))
+                        return
+                how = "NOTIFY" if label == ALL else "IDLE"
+                self.say("listening", acc.name, f"{label}: waiting for changes ({how})", folder=label,
+                         notify=label == ALL, reconnected=attempt > 0)
                 attempt = 0
                 # what arrived before IDLE began (while the connection was down, or between the
                 # first sync and now) is fetched by a sync
-                self.wake.put((acc.name, f"{folder}: listening"))
-                self._idle_loop(a, session, folder)
+                self.wake.put((acc.name, f"{label}: listening"))
+                self._idle_loop(a, session, label)
             except (MailsyncError, OSError) as exc:
                 if self.stop.is_set():
                     break
                 attempt += 1
                 wait = min(2.0 ** (attempt - 1), MAX_BACKOFF)
-                self.say("disconnected", acc.name, f"{folder}: {exc}; reconnecting in {wait:.0f} s",
-                         folder=folder, error_text=str(exc), retry_in=wait)
+                self.say("disconnected", acc.name, f"{folder or ALL}: {exc}; reconnecting in {wait:.0f} s",
+                         folder=folder or ALL, error_text=str(exc), retry_in=wait)
                 self.stop.wait(wait)
-            except Exception as exc:
-                log.exception("IDLE listener for %s", folder)
+            except Exception as exc:  # a listener must not end the watch silently
+                log.exception("listener for %s", folder or ALL)
                 attempt += 1
-                self.say("disconnected", acc.name, f"{folder}: {type(exc).__name__}: {exc}", error=True,
-                         folder=folder, error_text=str(exc))
+                self.say("disconnected", acc.name, f"{folder or ALL}: {type(exc).__name__}: {exc}", error=True,
+                         folder=folder or ALL, error_text=str(exc))
                 self.stop.wait(min(2.0 ** (attempt - 1), MAX_BACKOFF))
             finally:
                 if session is not None:
                     session.close()
 
-    def _idle_loop(self, a: _Account, session, folder: str) -> None:
+    def _idle_loop(self, a: _Account, session, label: str) -> None:
         client, renewals = session.client, 0
         while not self.stop.is_set():
             _call(session, client.idle)
@@ -275,15 +292,16 @@ class Watcher:
                         _call(session, client.idle_done)
                     raise ConnectionLost("the login token is about to expire; logging in again")
                 answers = _call(session, _idle_check, client, min(IDLE_TICK, left))
-                if any(_is_change(r) for r in answers):
-                    log.debug("IDLE on %s: %s", folder, answers)
-                    self.wake.put((a.acc.name, f"{folder}: changed on server"))
+                if answers:
+                    log.debug("%s: %s", label, answers)
+                for why in _changes(answers, label, a.acc.folders):
+                    self.wake.put((a.acc.name, why))
             _call(session, client.idle_done)
             if not self.stop.is_set():
                 renewals += 1
-                log.debug("IDLE on %s renewed (%d)", folder, renewals)
-                self.say("idle_renewed", a.acc.name, f"{folder}: IDLE renewed", folder=folder) \
-                    if self.as_json else None
+                log.debug("IDLE on %s renewed (%d)", label, renewals)
+                if self.as_json:
+                    self.say("idle_renewed", a.acc.name, f"{label}: IDLE renewed", folder=label)
 
     def join(self, timeout: float = 5.0) -> None:
         deadline = time.monotonic() + timeout
@@ -329,8 +347,34 @@ def _idle_check(client, timeout: float) -> list:
         client._set_read_timeout()
 
 
-def _is_change(answer) -> bool:
-    return isinstance(answer, tuple) and any(isinstance(x, bytes) and x.upper() in CHANGES for x in answer)
+def _notify(session) -> None:
+    """NOTIFY SET for every folder of the personal namespace: a STATUS answer for each folder where
+    mail arrives, is expunged or changes flags, and a LIST answer when folders are made or renamed."""
+    imaplib.Commands.setdefault("NOTIFY", ("AUTH", "SELECTED"))  # (imaplib knows only its own commands)
+    session._tagged("NOTIFY", "SET", "(personal (MessageNew MessageExpunge FlagChange MailboxName))")
+
+
+def _changes(answers: list, label: str, patterns: tuple[str, ...]) -> set[str]:
+    """Why the account is due, from what the server said during IDLE (empty: nothing changed)."""
+    from mailsync import utf7
+    from mailsync.folders import selected
+    out = set()
+    for a in answers:
+        if not isinstance(a, tuple) or not a:
+            continue
+        if a[0] == b"STATUS" and len(a) > 1:  # NOTIFY: a folder changed
+            raw = a[1].decode("ascii", "replace") if isinstance(a[1], bytes) else str(a[1])
+            try:
+                name = utf7.decode(raw)
+            except ValueError:
+                name = raw
+            if selected(name, patterns):
+                out.add(f"{name}: changed on server")
+        elif a[0] == b"LIST":
+            out.add("folders changed on server")
+        elif any(isinstance(x, bytes) and x.upper() in CHANGES for x in a):
+            out.add(f"{label}: changed on server")
+    return out
 
 
 def _recorded_stamps(root: Path) -> dict[str, str | None]:

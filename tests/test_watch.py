@@ -91,13 +91,23 @@ def has(root: Path, messages: list[bytes]) -> bool:
     return set(map(sha, messages)) <= set(bodies(root))
 
 
+# what the test Dovecot offers, but NOTIFY: a server where the watch keeps folders in IDLE one by one
+NO_NOTIFY = ("IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE SORT SORT=DISPLAY THREAD=REFERENCES THREAD=REFS "
+             "THREAD=ORDEREDSUBJECT MULTIAPPEND URL-PARTIAL CATENATE UNSELECT CHILDREN NAMESPACE UIDPLUS "
+             "LIST-EXTENDED I18NLEVEL=1 CONDSTORE QRESYNC ESEARCH ESORT SEARCHRES WITHIN CONTEXT=SEARCH "
+             "LIST-STATUS BINARY MOVE SNIPPET=FUZZY PREVIEW=FUZZY PREVIEW STATUS=SIZE SAVEDATE LITERAL+ SPECIAL-USE")
+
+
 @pytest.fixture
-def own_dovecot(dovecot):
-    """A Dovecot of the test's own over the session's mail store, to stop and start at will (mail
-    delivered through the session's Dovecot is in its folders too)."""
+def own_dovecot(dovecot, user):
+    """A Dovecot of the test's own over the session's mail store, without NOTIFY, to stop and start
+    at will (mail delivered through the session's Dovecot is in its folders too); the test's user
+    can log in to it."""
     root = Path(tempfile.mkdtemp(prefix="mailsync-dovecot-watch-"))
     shutil.copytree(dovecot.root / "ca", root / "ca")
-    d = Dovecot(root, users={}, mail_root=dovecot.root, extra_conf="auth_failure_delay = 0\n").start()
+    d = Dovecot(root, users={}, mail_root=dovecot.root,
+                extra_conf=f"auth_failure_delay = 0\nprotocol imap {{\n  imap_capability = {NO_NOTIFY}\n}}\n").start()
+    d.add_user(user.name, user.password)
     yield d
     pid = root / "run" / "master.pid"
     if pid.exists():
@@ -128,6 +138,35 @@ def test_new_mail_arrives_through_idle_without_a_timer(user):
     assert r.returncode == 0, r.stderr
 
 
+def test_notify_covers_every_folder_on_one_connection(user):
+    """The test Dovecot has NOTIFY: mail filed into any folder, and a folder made later, are pushed
+    through one connection; nothing is left to the timer."""
+    user.append("Work", [msg(1)])
+    user.write_config('poll_interval = 3600\nfolders = ["*", "!Junk"]\n')
+    w = Watch(user)
+    try:
+        w.listening()
+        (listening,) = w.of("listening")
+        assert listening["notify"] is True and listening["folder"] == "all folders"
+        filed = msg(2, body="filed")
+        user.append("Work", [filed])
+        w.wait_for(lambda: has(user.maildir, [filed]))
+        made = msg(3, body="in a new folder")
+        user.append("Projects/New", [made])
+        w.wait_for(lambda: has(user.maildir, [made]))
+        syncs = len(w.of("sync"))
+        user.append("Junk", [msg(4, body="spam")])  # not a synced folder: no wake-up for it
+        user.append("INBOX", [msg(5)])
+        w.wait_for(lambda: len(w.of("sync")) > syncs)
+    finally:
+        assert w.stop() == 0, w.stderr
+    reasons = [e["reason"] for e in w.of("sync")]
+    assert any("Work: changed on server" in r for r in reasons)
+    assert any("Projects/New: changed on server" in r or "folders changed on server" in r for r in reasons)
+    assert not any("Junk" in r for r in reasons)
+    assert len(w.of("listening")) == 1
+
+
 def test_a_burst_of_deliveries_is_fetched_once_each(user):
     user.write_config('poll_interval = 3600\n')
     w = Watch(user)
@@ -142,9 +181,10 @@ def test_a_burst_of_deliveries_is_fetched_once_each(user):
     assert sum(e["totals"]["new"] for e in w.of("sync")) == 40
 
 
-def test_folders_not_in_idle_are_polled(user):
+def test_folders_not_in_idle_are_polled(own_dovecot, user):
+    """A server without NOTIFY: INBOX in IDLE, the other folders synced every poll_interval."""
     user.append("Work", [msg(1)])
-    user.write_config('poll_interval = 2\n')
+    user.write_config('poll_interval = 2\n', port=own_dovecot.imaps_port)
     w = Watch(user)
     try:
         w.listening()
@@ -158,13 +198,14 @@ def test_folders_not_in_idle_are_polled(user):
     assert brought["reason"] == "poll"
 
 
-def test_watch_folders_each_get_an_idle_connection(user):
+def test_watch_folders_each_get_an_idle_connection(own_dovecot, user):
     user.append("Work", [msg(1)])
-    user.write_config('poll_interval = 3600\nwatch_folders = ["INBOX", "Work"]\n')
+    user.write_config('poll_interval = 3600\nwatch_folders = ["INBOX", "Work"]\n', port=own_dovecot.imaps_port)
     w = Watch(user)
     try:
         w.listening(2)
         assert {e["folder"] for e in w.of("listening")} == {"INBOX", "Work"}
+        assert not any(e["notify"] for e in w.of("listening"))
         m = msg(2, body="work mail")
         user.append("Work", [m])
         w.wait_for(lambda: has(user.maildir, [m]))
@@ -178,7 +219,6 @@ def test_watch_folders_each_get_an_idle_connection(user):
 def test_server_restart_while_idling(own_dovecot, dovecot, user):
     """The watch's server goes away and comes back: it reconnects with backoff, fetches what was
     delivered meanwhile, and goes on listening; every message once."""
-    own_dovecot.add_user(user.name, user.password)
     user.write_config('poll_interval = 3600\n', port=own_dovecot.imaps_port)
     w = Watch(user)
     try:
@@ -299,7 +339,6 @@ def test_pop3_accounts_are_polled(dovecot, user, tmp_path):
 
 
 def test_wrong_password_ends_the_watch_at_start(own_dovecot, user):
-    own_dovecot.add_user(user.name, user.password)
     user.write_config(port=own_dovecot.imaps_port)
     r = user.run("watch", env=user.env(MAILSYNC_TEST_PASSWORD="wrong"), timeout=WAIT)
     assert r.returncode == 3
