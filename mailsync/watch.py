@@ -72,6 +72,7 @@ class _Account:
     reasons: set[str] = field(default_factory=set)   # why it is due (empty: not due)
     failures: int = 0
     stamps: dict[str, str | None] = field(default_factory=dict)  # folder path -> stamp in the state
+    woke_on: dict[str, str | None] = field(default_factory=dict)  # folder path -> stamp a sync was started for
 
 
 class Watcher:
@@ -153,15 +154,18 @@ class Watcher:
                 until = time.monotonic() + DEBOUNCE
 
     def _local_changes(self) -> None:
+        """Mode sync: wake an account whose cur/ or new/ differ from what its last sync recorded
+        in the state, once for each look they take (a folder the sync leaves unrecorded, such as
+        one that `folders` excludes, wakes it once per change, not every second)."""
         from mailsync.folderjob import local_stamp
         for a in self.accounts:
             if a.acc.mode != "sync" or a.reasons or not a.stamps:
                 continue
             for rel, recorded in a.stamps.items():
-                path = a.acc.maildir if rel == "." else a.acc.maildir / rel
-                if local_stamp(path) != recorded:
+                now = local_stamp(a.acc.maildir if rel == "." else a.acc.maildir / rel)
+                if now != recorded and (rel not in a.woke_on or a.woke_on[rel] != now):
+                    a.woke_on[rel] = now
                     a.reasons.add("local change")
-                    break
 
     def _sync(self, a: _Account, first: bool) -> None:
         """One sync of the account, and its line. At start, an error that waiting does not fix
