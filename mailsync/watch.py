@@ -64,6 +64,10 @@ CHANGES = {b"EXISTS", b"EXPUNGE", b"FETCH", b"VANISHED"}
 FATAL = (ConfigError, AuthError, TLSError)
 
 
+class _Relogin(Exception):
+    """The session's OAuth2 token is about to end: log in again now, without waiting."""
+
+
 @dataclass
 class _Account:
     acc: Account
@@ -228,7 +232,7 @@ class Watcher:
         folder None: the account's first listener. Where the server has NOTIFY (RFC 5465), it
         covers every folder on this one connection; else it keeps the first of watch_folders in
         IDLE and starts a listener of its own for each of the others."""
-        acc, attempt, spread = a.acc, 0, False
+        acc, attempt, spread, before = a.acc, 0, False, False
         while not self.stop.is_set():
             session = None
             try:
@@ -257,12 +261,14 @@ class Watcher:
                         return
                 how = "NOTIFY" if label == ALL else "IDLE"
                 self.say("listening", acc.name, f"{label}: waiting for changes ({how})", folder=label,
-                         notify=label == ALL, reconnected=attempt > 0)
-                attempt = 0
+                         notify=label == ALL, reconnected=before)
+                attempt, before = 0, True
                 # what arrived before IDLE began (while the connection was down, or between the
                 # first sync and now) is fetched by a sync
                 self.wake.put((acc.name, f"{label}: listening"))
                 self._idle_loop(a, session, label)
+            except _Relogin:
+                log.debug("%s: the login token is about to end; logging in again", label)
             except (MailsyncError, OSError) as exc:
                 if self.stop.is_set():
                     break
@@ -283,6 +289,8 @@ class Watcher:
 
     def _idle_loop(self, a: _Account, session, label: str) -> None:
         client, renewals = session.client, 0
+        if session.valid_until is not None:  # 60 s before the token ends, or a quarter of its life
+            margin = min(60.0, max(0.0, session.valid_until - time.monotonic()) / 4)
         while not self.stop.is_set():
             _call(session, client.idle)
             began = time.monotonic()
@@ -290,11 +298,12 @@ class Watcher:
                 left = a.acc.idle_renew - (time.monotonic() - began)
                 if left <= 0:
                     break
-                if session.valid_until is not None and session.valid_until - time.monotonic() < 60:
-                    # an OAuth2 token about to end: a new session, with a fresh token
+                if session.valid_until is not None and session.valid_until - time.monotonic() < margin:
+                    # an OAuth2 token about to end (providers end the session then): a new
+                    # session, with a fresh token
                     with contextlib.suppress(Exception):
                         _call(session, client.idle_done)
-                    raise ConnectionLost("the login token is about to expire; logging in again")
+                    raise _Relogin
                 answers = _call(session, _idle_check, client, min(IDLE_TICK, left))
                 if answers:
                     log.debug("%s: %s", label, answers)

@@ -744,3 +744,39 @@ def test_a_password_account_at_the_token_only_server_is_refused(make_rig):
     assert not local_files(rig.u.maildir)
     log = (rig.od.root / "dovecot.log").read_text(errors="replace").splitlines()
     assert [ln for ln in log if f"rip={source}," in ln]  # (from the other address, as intended)
+
+
+# 7. watch ----------------------------------------------------------------------------------------------
+
+def test_watch_logs_in_again_before_each_token_ends(make_rig):
+    """A watch lives longer than its tokens (as on Microsoft, which ends a session when its token
+    does): the listening connection logs in again, with a refreshed token, before each one ends, and
+    push keeps working; no login is ever refused."""
+    ttl = 4
+    rig = make_rig(ttl=ttl)
+    rig.configure(extra="poll_interval = 3600")
+    rig.sign_in()
+    p = rig.popen("watch", "--json")
+    events: list[dict] = []
+    threading.Thread(target=lambda: events.extend(json.loads(line) for line in p.stdout), daemon=True).start()
+    try:
+        deadline = time.monotonic() + 60
+        while sum(1 for e in events if e["event"] == "listening") < 3:  # two logins after the first
+            assert p.poll() is None and time.monotonic() < deadline, events
+            time.sleep(0.05)
+        m = tag(1, rig)
+        rig.u.append("INBOX", [m])
+        while list(local_files(rig.u.maildir).values()) != [m]:
+            assert p.poll() is None and time.monotonic() < deadline, events
+            time.sleep(0.05)
+    finally:
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=30)
+    rig.seen += [out, err]
+    assert p.returncode == 0 and err == "", err
+    assert not [e for e in events if e["event"] in ("disconnected", "error")], events
+    assert [e["reconnected"] for e in events if e["event"] == "listening"][:3] == [False, True, True]
+    assert rig.auth.counts["refresh_token"] >= 2
+    log = oauth_logins(rig.od, rig.u.name)
+    assert not [ln for ln in log if "auth failed" in ln or "Aborted login" in ln]
+    rig.sweep()
