@@ -239,6 +239,26 @@ def test_server_restart_while_idling(own_dovecot, dovecot, user):
     assert bodies(user.maildir) == sorted(map(sha, meanwhile + [after]))
 
 
+def test_a_server_down_at_start_is_waited_for(own_dovecot, user):
+    """At boot the network or the server may not be up yet: the watch says so and tries again,
+    instead of exiting."""
+    user.write_config('poll_interval = 3600\n', port=own_dovecot.imaps_port)
+    mail = [msg(1, body="waiting")]
+    user.append("INBOX", mail)
+    own_dovecot.stop()
+    w = Watch(user)
+    try:
+        w.wait_for(lambda: w.of("error"))
+        (first,) = w.of("error")[:1]
+        assert first["exit_code"] == 5 and first["retry_in"] == 1 and "127.0.0.1" in first["error_text"]
+        own_dovecot.start()
+        w.wait_for(lambda: has(user.maildir, mail))
+        w.listening()
+    finally:
+        assert w.stop() == 0, w.stderr
+    assert bodies(user.maildir) == [sha(mail[0])]
+
+
 def test_kill_9_while_idling_then_restart(user):
     user.write_config('poll_interval = 3600\n')
     before = [msg(n) for n in range(3)]
