@@ -183,6 +183,36 @@ def run_tool(cmd: list[str], env: dict[str, str], log: Path) -> Run:
     return r
 
 
+def tool_env(d: Path, tmpdir: Path) -> dict[str, str]:
+    """The environment of a tool whose home and work files are in d."""
+    return dict(os.environ, BENCH_PW=PASSWORD, HOME=str(d), TMPDIR=str(tmpdir), PYTHONDONTWRITEBYTECODE="",
+                XDG_CONFIG_HOME=str(d / ".config"), XDG_STATE_HOME=str(d / ".state"),
+                XDG_CACHE_HOME=str(d / ".cache"))
+
+
+Prepared = tuple[list[str], Path, Path, dict[str, str]]  # command, Maildir, log, environment
+
+
+def prepare(proto: str, tool: str, d: Path, server: Dovecot, tmpdir: Path) -> Prepared:
+    """A fresh directory d with the tool's configuration: (command, its Maildir, its log, its environment)."""
+    d.mkdir()
+    cmd, mail = SETUP[proto][tool](d, server)
+    return cmd, mail, d / "output.log", tool_env(d, tmpdir)
+
+
+def checked_run(tool: str, prepared: Prepared, want_n: int, want_f: int | None, what: str) -> Run:
+    """Run the tool once and check its Maildir: want_n messages (and want_f flagged ones, unless None).
+    A failing exit code stops the benchmark; a wrong Maildir marks the Run not ok, with a warning."""
+    cmd, mail, log, env = prepared
+    r = run_tool(cmd, env, log)
+    n, nf = count(mail)
+    r.ok = n == want_n and (want_f is None or nf == want_f)
+    if not r.ok:
+        print(f"WARNING: {tool} after {what}: {n} messages, {nf} flagged; expected {want_n}"
+              + (f", {want_f} flagged" if want_f is not None else ""), file=sys.stderr)
+    return r
+
+
 def count(maildir: Path) -> tuple[int, int]:
     """Messages in the Maildir tree (files in any cur/ or new/), and how many of them have flag F."""
     n = flagged = 0
@@ -290,16 +320,7 @@ def main() -> None:
         results: report.Results = {}
         for rep in range(a.repeat):
             order = tools[rep % len(tools):] + tools[:rep % len(tools)]
-            runs: dict[str, tuple[list[str], Path, Path, dict[str, str]]] = {}
-            for tool in order:
-                d = work / f"{rep}-{tool}"
-                d.mkdir()
-                cmd, mail = SETUP[proto][tool](d, server)
-                env = dict(os.environ, BENCH_PW=PASSWORD, HOME=str(d), TMPDIR=str(tmpdir),
-                           PYTHONDONTWRITEBYTECODE="",
-                           XDG_CONFIG_HOME=str(d / ".config"), XDG_STATE_HOME=str(d / ".state"),
-                           XDG_CACHE_HOME=str(d / ".cache"))
-                runs[tool] = (cmd, mail, d / "output.log", env)
+            runs = {tool: prepare(proto, tool, work / f"{rep}-{tool}", server, tmpdir) for tool in order}
             first_new = 0
             for key, label in scenarios:
                 if key == "flags":
@@ -313,15 +334,8 @@ def main() -> None:
                     server.seed(USER, "INBOX", new_messages(a.new, 50_000_000 + rep * a.new),
                                 start=50_000_000 + rep * a.new)
                 for tool in order:
-                    cmd, mail, log, env = runs[tool]
-                    r = run_tool(cmd, env, log)
-                    n, nf = count(mail)
                     want_n, want_f = expect[key]
-                    r.ok = n == want_n and (want_f is None or nf == want_f)
-                    if not r.ok:
-                        print(f"WARNING: {tool} after '{label}' (repeat {rep + 1}): {n} messages, {nf} flagged; "
-                              f"expected {want_n}" + (f", {want_f} flagged" if want_f is not None else ""),
-                              file=sys.stderr)
+                    r = checked_run(tool, runs[tool], want_n, want_f, f"'{label}' (repeat {rep + 1})")
                     results.setdefault((key, tool), []).append(r)
                     print(f"  repeat {rep + 1}/{a.repeat} {label:>22} {tool:>12}: {r.wall:7.2f} s, "
                           f"CPU {r.cpu:6.2f} s, {r.rss_mb:5.0f} MB", file=sys.stderr)
