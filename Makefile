@@ -64,6 +64,7 @@ bench: deps venv
 	$(BIN)/python -m bench.protocols --messages 2000
 	$(BIN)/python -m bench.migrate --messages 5000
 	$(BIN)/python -m bench.fleet --mailboxes 50 --messages 500 --repeat 3
+	$(BIN)/python -m bench.watch --deliveries 50
 	@echo; echo "Targets (from the start of this run, also in .bench/targets.md and docs/benchmarks.md):"; echo
 	@cat .bench/targets.md
 
