@@ -2,91 +2,33 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import signal
 import sys
-import traceback
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from mailsync import __version__, crashpoint
+from mailsync import __version__
 from mailsync import config as config_mod
-from mailsync.errors import ConfigError, ConnectionLost, MailsyncError, PartialFailure, SafetyAbort
-from mailsync.model import human_size
+from mailsync.command import (  # noqa: F401 - the parts without typer (_line: watch.py; _worst: tests)
+    Errors,
+    _Bars,
+    _json,
+    _line,
+    _show,
+    _worst,
+    fast_path,
+    load,
+    run_command,
+    sync_command,
+)
+from mailsync.errors import ConfigError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, invoke_without_command=True, pretty_exceptions_enable=False,
                   help="Keep a local Maildir in step with your mail servers.")
 
 _opts: dict = {}
-
-
-def _show(text) -> str:
-    """Server-chosen text (a folder name, an error quoting one) made safe for one terminal line:
-    control characters (C0, DEL, C1), line and paragraph separators, bidi controls and lone
-    surrogates are shown escaped (\\x1b, \\u2028, \\ud834), never written raw."""
-    s = str(text)
-    if s.isprintable():
-        return s
-    return "".join(c if c.isprintable() or c == " " else
-                   (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}" if ord(c) < 0x10000
-                    else f"\\U{ord(c):08x}") for c in s)
-
-
-def _json(obj) -> str:
-    """JSON for stdout: UTF-8 as it is, except that control characters a server put in a name are
-    written as \\u escapes, and a lone surrogate (invalid UTF-7 from the server) makes it ASCII."""
-    text = json.dumps(obj, indent=2, ensure_ascii=False)
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return json.dumps(obj, indent=2, ensure_ascii=True)
-    if text.isprintable() or all(c.isprintable() or c in " \n" for c in text):
-        return text
-    # other control characters (C1, separators, bidi) only occur inside strings: \u escapes there
-    return "".join(c if c.isprintable() or c in " \n" else json.dumps(c)[1:-1] for c in text)
-
-
-_INTERRUPTED = "mailsync: interrupted"
-_said: dict = {}
-
-
-def _by_ctrl_c(exc: BaseException | None) -> bool:
-    """exc is a KeyboardInterrupt, or an error raised while one was unwinding (a clean-up that
-    failed because Ctrl-C cut short what it cleans up, e.g. a ROLLBACK after the COMMIT it
-    expected had already happened): either way the run was interrupted."""
-    todo, seen = [exc], set()
-    while todo:
-        e = todo.pop()
-        if e is None or id(e) in seen:
-            continue
-        if isinstance(e, KeyboardInterrupt):
-            return True
-        seen.add(id(e))
-        todo += [e.__cause__, e.__context__]
-    return False
-
-
-def _say_interrupted(text: str) -> None:
-    if not _said.get("interrupted"):
-        _said["interrupted"] = True
-        typer.echo(text, err=True)
-
-
-def _fail(exc: BaseException, debug: bool) -> None:
-    if isinstance(exc, MailsyncError):
-        if debug:
-            traceback.print_exc()
-        typer.echo(f"mailsync: error: {_show(exc)}", err=True)
-        raise typer.Exit(exc.exit_code)
-    if debug:
-        traceback.print_exc()
-    typer.echo(f"mailsync: internal error: {type(exc).__name__}: {exc} "
-               "(please report it; run with --debug for details)", err=True)
-    raise typer.Exit(1)
 
 
 @app.callback(invoke_without_command=True)
@@ -107,52 +49,6 @@ def main_options(
     _opts["debug"] = debug
 
 
-class _Bars:
-    """tqdm bars (messages and bytes) when stderr is a terminal."""
-
-    def __init__(self) -> None:
-        from tqdm import tqdm
-        self.msgs = tqdm(total=0, unit="msg", desc="messages", position=0, leave=False, file=sys.stderr)
-        self.bytes = tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1024, desc="bytes",
-                          position=1, leave=False, file=sys.stderr)
-
-    def __call__(self, event: str, data: dict) -> None:
-        if event == "folder_start":
-            self.msgs.total += data["messages"]
-            self.bytes.total += data["bytes"]
-            self.msgs.set_description(_show(data["folder"])[:30])
-            self.msgs.refresh()
-            self.bytes.refresh()
-        elif event == "message":
-            self.msgs.update(1)
-            self.bytes.update(data["bytes"])
-        elif event == "retry":
-            self.msgs.write(f"{_show(data['folder'])}: {_show(data['error'])}; retrying in {data['delay']} s")
-        elif event == "folder_done":
-            f = data["result"]
-            if f.failed:
-                self.msgs.write(f"{_show(f.name)}: failed: {_show(f.error)}")
-            elif f.new or f.refetched or f.flags_changed or f.gone:
-                self.msgs.write(f"{_show(f.name)}: {f.new + f.refetched} new ({human_size(f.bytes)}), "
-                                f"{f.flags_changed} flags changed, {f.gone} gone, {f.seconds:.1f} s")
-
-    def close(self) -> None:
-        self.msgs.close()
-        self.bytes.close()
-
-
-# exit codes of a whole-account stop rank before those of a run that got through in part
-_PARTIAL = (ConnectionLost.exit_code, PartialFailure.exit_code, SafetyAbort.exit_code)
-
-
-def _worst(codes: list[int]) -> int:
-    """The exit code of several accounts: the first of those that stopped an account as a whole
-    (1-5, 7, 8), else the first of those that got through in part (6, 9, 10), else 0."""
-    stops = [c for c in codes if c and c not in _PARTIAL]
-    partial = [c for c in codes if c in _PARTIAL]
-    return (stops or partial or [0])[0]
-
-
 @app.command()
 def sync(
     account: Optional[str] = typer.Argument(None, help="Account name from the config (none, or --all: every account)."),
@@ -167,125 +63,19 @@ def sync(
 ) -> None:
     """Sync ACCOUNT (or every account): back up (mode backup) or sync both ways (mode sync) every
     selected folder."""
-    debug = debug or _opts.get("debug", False)
-    interrupted = "mailsync: interrupted; what was saved is kept, run again to continue"
-    # the summary too: a Ctrl-C while it is printed is an interruption like any other
-    with _Errors(debug, interrupted):
-        if debug:
-            logging.basicConfig(level=logging.DEBUG, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
-        if account and all_accounts:
-            raise ConfigError("name an account or give --all, not both",
-                              hint=f"mailsync sync {account}, or mailsync sync --all")
-        cfg = _load(config)
-        if account:
-            code, summary = _sync_account(cfg, account, mode, dry_run, force, quiet, as_json, debug, prefix="")
-            if as_json:
-                typer.echo(_json(summary))
-            raise typer.Exit(code)
-        if not cfg.accounts:
-            raise ConfigError(f"{cfg.path} has no accounts", hint="add an [accounts.NAME] table")
-        codes, summaries = [], []
-        for name in cfg.accounts:
-            code, summary = _sync_account(cfg, name, mode, dry_run, force, quiet, as_json, debug,
-                                          prefix=f"{_show(name)}: ")
-            codes.append(code)
-            if summary is not None:
-                summaries.append(summary)
-        code = _worst(codes)
-        if as_json:
-            typer.echo(_json({"exit_code": code, "accounts": summaries}))
-        failed = [n for n, c in zip(cfg.accounts, codes) if c]
-        if failed and not as_json:
-            typer.echo(f"mailsync: {len(failed)} of {len(codes)} accounts had errors ({', '.join(map(_show, failed))}); "
-                       "everything else was saved", err=True)
-    raise typer.Exit(code)
+    sync_command(account, all_accounts, mode, dry_run, force, quiet, as_json, config or _opts.get("config"),
+                 debug or _opts.get("debug", False))
 
 
-def _sync_account(cfg, account: str, mode, dry_run, force, quiet, as_json, debug, prefix: str):
-    """One account's run, its lines printed (each error line starts with prefix). Returns its exit
-    code and its --json summary (None when it stopped before running: that is in its error line;
-    with one account, errors raise as usual)."""
-    try:
-        acc = cfg.account(account)
-        mode = mode or acc.mode
-        if mode not in ("backup", "sync", "mirror"):
-            raise ConfigError(f"unknown mode '{mode}'", hint='use "backup", "sync" or "mirror"')
-        if dry_run and mode != "sync":
-            raise ConfigError("--dry-run shows what a two-way sync would change; it needs mode sync",
-                              hint="a backup never changes the server; run it, or add --mode sync")
-        if acc.protocol == "pop3" and mode != "backup":
-            raise ConfigError(f"[accounts.{acc.name}] POP3 is download-only: mode '{mode}' needs IMAP",
-                              hint='use mode = "backup" for a POP3 account')
-        from mailsync import engine, secrets
-        pw = secrets.password(acc)
-        bars = _Bars() if (sys.stderr.isatty() and not quiet and not as_json) else None
-        try:
-            from mailsync.folderjob import Options
-            if acc.protocol == "pop3":
-                from mailsync import pop3
-                result = pop3.download(acc, pw, progress=bars or engine._quiet)
-            else:
-                result = engine.run(acc, pw, mode=mode, progress=bars or engine._quiet,
-                                    opts=Options(dry_run=dry_run, force=force))
-        finally:
-            if bars:
-                bars.close()
-    except Exception as exc:  # noqa: BLE001 - one account of several: its error is its line and code
-        if not prefix:
-            raise
-        if debug:
-            traceback.print_exc()
-        if isinstance(exc, MailsyncError):
-            typer.echo(f"mailsync: error: {prefix}{_show(exc)}", err=True)
-            return exc.exit_code, None
-        typer.echo(f"mailsync: internal error: {prefix}{type(exc).__name__}: {exc} "
-                   "(please report it; run with --debug for details)", err=True)
-        return 1, None
+class _Errors(Errors):
+    """`with _Errors(debug):` around a command's work: errors become one line and an exit code
+    (typer.Exit)."""
 
-    failed = result.failed
-    if dry_run and not as_json:
-        typer.echo(_dry_run_text(result))
-    for f in result.folders:
-        for c in f.conflicts:
-            typer.echo(f"mailsync: conflict: {prefix}{_show(f.name)}: {_show(c)}", err=True)
-        for n in f.notices:  # notices go to stderr even with --quiet: cron mails them
-            typer.echo(f"mailsync: notice: {prefix}{_show(f.name)}: {_show(n)}", err=True)
-    for f in failed:
-        typer.echo(f"mailsync: error: {prefix}{_show(f.name)}: {_show(f.error)}", err=True)
-    if not quiet and not as_json and not dry_run:
-        typer.echo(_line(result))
-    if failed and not as_json:
-        typer.echo(f"mailsync: {prefix}{len(failed)} of {len(result.folders)} folders failed; "
-                   "everything else was saved, run again to retry", err=True)
-    crashpoint.pause("summary")
-    return result.exit_code, result.to_json()
-
-
-class _Errors:
-    """`with _Errors(debug):` around a command's work: errors become one line and an exit code."""
-
-    def __init__(self, debug: bool, interrupted: str = _INTERRUPTED) -> None:
-        self.debug, self.interrupted = debug, interrupted
-
-    def __enter__(self) -> "_Errors":
-        return self
-
-    def __exit__(self, et, exc, tb) -> bool:
-        if exc is None or isinstance(exc, (typer.Exit, SystemExit)):
-            return False
-        if _by_ctrl_c(exc):
-            _say_interrupted(self.interrupted)
-            raise typer.Exit(130) from None
-        if isinstance(exc, Exception):
-            _fail(exc, self.debug)
-        return False
+    exit_with = typer.Exit
 
 
 def _load(config: Optional[Path]):
-    cfg = config_mod.load(config or _opts.get("config"))
-    for w in cfg.warnings:
-        typer.echo(f"mailsync: warning: {w}", err=True)
-    return cfg
+    return load(config or _opts.get("config"))
 
 
 def _setup(config: Optional[Path], debug: bool):
@@ -420,7 +210,7 @@ def _maybe_accounts(config: Optional[Path]) -> set[str]:
         text = config_mod.default_path().read_text() if config is None else Path(config).read_text()
     except OSError:
         return set()
-    return set(re.findall(r"^\s*\[accounts\.([^\]]+)\]", text, re.M))
+    return set(re.findall(r"^\s*\[accounts\.([^\]]+)\]", text, re.MULTILINE))
 
 
 @app.command()
@@ -618,83 +408,17 @@ def fleet_status(
                 typer.echo(_show(celery_backend.status_line(row)))
 
 
-def _line(r) -> str:
-    fs = r.folders
-    new = sum(f.new for f in fs)
-    parts = [f"{r.account}: {len(fs)} folders", f"{new} new ({human_size(sum(f.bytes for f in fs))})",
-             f"{sum(f.flags_changed for f in fs)} flags changed",
-             f"{sum(f.gone_from_server for f in fs)} gone from server"]
-    if any(f.uploaded or f.flags_pushed or f.deleted_local or f.deleted_remote for f in fs):
-        parts.append(f"{sum(f.uploaded for f in fs)} uploaded, {sum(f.flags_pushed for f in fs)} flags pushed, "
-                     f"{sum(f.deleted_local for f in fs)} deleted locally, "
-                     f"{sum(f.deleted_remote for f in fs)} deleted on server")
-    if r.created:
-        parts.append(f"{len(r.created)} folder{'s' if len(r.created) != 1 else ''} created on server")
-    if any(f.refetched for f in fs):
-        parts.append(f"{sum(f.refetched for f in fs)} restored")
-    if any(f.renumbered for f in fs):
-        parts.append(f"{sum(f.renumbered for f in fs)} renumbered by the server (matched again)")
-    if any(f.rebound - f.renumbered for f in fs):
-        parts.append(f"{sum(f.rebound - f.renumbered for f in fs)} re-matched")
-    parts.append(f"{r.seconds:.1f} s")
-    return ", ".join(parts)
-
-
-def _dry_run_text(r) -> str:
-    lines = [f"{r.account}: dry run, nothing was changed"]
-    for name in r.created:
-        lines.append(f"  create folder on server: {_show(name)}")
-    for f in r.folders:
-        p = f.plan
-        if f.failed:
-            lines.append(f"  {_show(f.name)}: {_show(f.error)}")
-        if p is None or getattr(p, "empty", True):
-            continue
-        lines.append(f"  {_show(f.name)}:")
-        for label, items in (("download from server", p.fetch), ("upload to server", p.upload),
-                             ("download again (removed locally, changed on server)", p.refetch),
-                             ("upload again (expunged on server, changed locally)", p.reupload),
-                             ("delete locally (expunged on server)", p.delete_local),
-                             ("delete on server (removed locally)", p.delete_remote)):
-            if items:
-                lines.append(f"    {label}: {len(items)}  [{_short(items)}]")
-        if p.push:
-            lines.append(f"    set flags on server: {len(p.push)}  [" + ", ".join(
-                f"UID {u} " + " ".join([f"+{x}" for x in sorted(a)] + [f"-{x}" for x in sorted(rm)])
-                for u, a, rm in p.push[:5]) + (" ..." if len(p.push) > 5 else "") + "]")
-        if p.pull:
-            lines.append(f"    set flags locally: {len(p.pull)}")
-        if p.pair:
-            lines.append(f"    match to local files (the same message, nothing transferred): {len(p.pair)}  ["
-                         + _short([f"UID {u} = {k}" for u, k in p.pair]) + "]")
-    return "\n".join(lines)
-
-
-def _short(items) -> str:
-    shown = ", ".join(str(i) for i in list(items)[:8])
-    return shown + (" ..." if len(items) > 8 else "")
-
-
 def main() -> None:
-    """The `mailsync` command. A Ctrl-C at any moment after start-up ends it with exit 130 and
-    one `interrupted` line, never a traceback, also when it lands outside a command's own
-    handling (while the command line is read, while click unwinds; typer makes those a silent
-    exit 130). Once the exit code is decided Ctrl-C is ignored: while the interpreter shuts down
-    it restores the default SIGINT action, and a Ctrl-C then would end a run that completed by
-    the signal (status -2, nothing printed)."""
-    try:
-        try:
-            _keep_only_the_command(sys.argv[1:])
-            app()  # ends with SystemExit
-        finally:
-            _ignore_ctrl_c()
-            crashpoint.pause("decided")
-    except KeyboardInterrupt:
-        _exit_interrupted()
-    except SystemExit as exc:
-        if exc.code == 130:
-            _exit_interrupted()
-        raise
+    """The `mailsync` command (see mailsync.command): the hot shapes of `sync` without typer,
+    everything else through it."""
+    fast = fast_path(sys.argv[1:])
+    if fast is not None:
+        run_command(lambda: sync_command(**fast))
+
+    def typer_app() -> None:
+        _keep_only_the_command(sys.argv[1:])
+        app()  # ends with SystemExit
+    run_command(typer_app)
 
 
 def _keep_only_the_command(args: list[str]) -> None:
@@ -721,35 +445,6 @@ def _keep_only_the_command(args: list[str]) -> None:
     if commands or groups:  # (an unknown word: all stay, and click says which commands there are)
         app.registered_commands[:] = commands
         app.registered_groups[:] = groups
-
-
-def _ignore_ctrl_c() -> None:
-    """From here on Ctrl-C is ignored: the outcome is decided (a Ctrl-C still pending is raised
-    by the change itself, before it is made; it is dropped)."""
-    while True:
-        try:
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-            return
-        except KeyboardInterrupt:
-            continue
-        except ValueError:  # not the main thread: not ours to change
-            return
-
-
-def _exit_interrupted() -> None:
-    """Say `interrupted` (once) and exit 130 at once, not through the interpreter's own exit:
-    a KeyboardInterrupt that passed through code made by exec() or eval() of a string on its
-    way (dataclasses and namedtuple make their methods so while a module is imported) leaves
-    a mark in CPython that makes `python -m mailsync` end by SIGINT (status -2) at exit, however
-    the interrupt was handled. Everything is closed by now; the output is flushed here."""
-    _say_interrupted(_INTERRUPTED)
-    logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
-    os._exit(130)
 
 
 if __name__ == "__main__":

@@ -15,10 +15,13 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 
+# isort: off
+from mailsync import login  # first: it imports imapclient without importlib.metadata
+# isort: on
 from imapclient import exceptions as imapx
 from imapclient.response_parser import parse_fetch_response, parse_response
 
-from mailsync import fetch, login, utf7
+from mailsync import fetch, utf7
 from mailsync.config import Account
 from mailsync.errors import ConnectionLost, ServerError
 from mailsync.identity import crlf, message_id  # noqa: F401 - re-exported
@@ -497,6 +500,6 @@ def _chunks(items: list, n: int):
 
 def _text(exc: BaseException) -> str:
     s = str(exc)
-    if s.startswith("b'") or s.startswith('b"'):
+    if s.startswith(("b'", 'b"')):
         s = s[2:-1]
     return s.strip() or type(exc).__name__

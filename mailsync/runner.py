@@ -19,10 +19,12 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from mailsync.errors import ConnectionLost, MailsyncError, SessionError
+
+if TYPE_CHECKING:
+    from concurrent.futures import ThreadPoolExecutor
 
 log = logging.getLogger("mailsync.runner")
 T = TypeVar("T")
@@ -188,6 +190,9 @@ def fan_out(items: Iterable[T], fn: Callable[[T], R], workers: int, stop: thread
     items = list(items)
     if len(items) <= 1 or workers <= 1:
         return [fn(i) for i in items]
+    # (imported here: a run where nothing changed has no use for it)
+    from concurrent.futures import ThreadPoolExecutor
+
     ex = ThreadPoolExecutor(max_workers=min(workers, len(items)))
     try:
         results = list(ex.map(fn, items))

@@ -1,11 +1,10 @@
-"""Password sources. The password is returned to the caller and never logged or stored."""
+"""Password sources. The password is returned to the caller and never logged or stored.
+(getpass, shlex and subprocess are imported by the sources that use them: a password_env
+account's start-up does not pay for them.)"""
 
 from __future__ import annotations
 
-import getpass
 import os
-import shlex
-import subprocess
 import sys
 
 from mailsync.config import Account
@@ -27,6 +26,8 @@ def password(acc: Account) -> str:
     if acc.password is not None:
         return acc.password
     if sys.stdin.isatty():
+        import getpass
+
         return getpass.getpass(f"Password for {acc.username} at {acc.host}: ")
     raise ConfigError(f"{where} has no password source",
                       hint="set password_command or password_env (no terminal to prompt on)")
@@ -36,6 +37,9 @@ def run_command(cmd: str | list[str], where: str, what: str) -> str:
     """Run a secret-printing command from the config (no shell: a string is split like a shell
     line; a list is the argv), and return the first line it prints. Its output is never shown;
     every failure is a ConfigError naming `where` (the account and the key)."""
+    import shlex
+    import subprocess
+
     try:
         argv = cmd if isinstance(cmd, list) else shlex.split(cmd)
     except ValueError as exc:
@@ -43,7 +47,7 @@ def run_command(cmd: str | list[str], where: str, what: str) -> str:
     if not argv:
         raise ConfigError(f"{where} is empty")
     try:
-        r = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=120)
+        r = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=120, check=False)
     except FileNotFoundError:
         raise ConfigError(f"{where}: program '{argv[0]}' not found",
                           hint="give the full path, or a list like [\"sh\", \"-c\", \"...\"] for a shell") from None

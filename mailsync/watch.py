@@ -211,7 +211,7 @@ class Watcher:
         a.next_poll = time.monotonic() + acc.poll_interval
         if acc.mode == "sync" and acc.protocol == "imap":
             a.stamps = _recorded_stamps(acc.maildir)
-        from mailsync.cli import _line
+        from mailsync.command import _line
         failed = result.failed
         self.say("sync", acc.name, f"{why}: {_line(result).split(': ', 1)[1]}", error=bool(failed),
                  reason=why, **{k: v for k, v in result.to_json().items() if k != "account"})
