@@ -22,8 +22,7 @@ bench/tools.py):
        both sizes, so its time at --scale against --messages shows whether a flag change costs
        O(changed messages) or O(folder size);
     6. --new (100) new messages in INBOX, then a run.
-  Runs 3 to 6 come 3 s after the previous scenario, as cron runs would (mailsync trusts an
-  unchanged folder's cur/ and new/ only once they are 2 s old). The server changes are undone
+  Runs 3 to 6 come 3 s after the previous scenario, as cron runs would. The server changes are undone
   after each repeat. Peak RSS is that of the full backups (the largest of the repeats).
   At --messages, OfflineIMAP runs too (not with --quick or --tools); it is not in the targets.
 - POP3S, on the --messages corpus's INBOX (a fifth of it): full download and a no-change re-run,

@@ -12,6 +12,7 @@ import hashlib
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -23,7 +24,7 @@ from mailsync.delivery import Delivery, recover
 from mailsync.errors import SafetyAbort, ServerError
 from mailsync.identity import Identity, Matcher, content_sha256, may_differ
 from mailsync.imap import FolderInfo, ImapSession, crlf, message_id, seqset
-from mailsync.maildir import MaildirFolder, storage_error
+from mailsync.maildir import DirWatch, MaildirFolder, storage_error
 from mailsync.model import FolderResult, Record, ServerView, SyncPlan, split_flags
 from mailsync.plan import batches, deletion_guard, plan_backup, plan_sync, rematch
 from mailsync.runner import Stopped
@@ -38,23 +39,44 @@ class Options:
     force: bool = False
 
 
-STAMP_SETTLE_NS = 2_000_000_000
+STAMP_SETTLE_NS = 2_000_000_000    # file systems with whole-second (or 2 s) timestamps: FAT, some NFS
+STAMP_SETTLE_FINE_NS = 20_000_000   # ns timestamps (ext4, xfs, btrfs, tmpfs) move at least every jiffy (<= 10 ms)
 
 
-def local_stamp(path: Path) -> str | None:
-    """inode:mtime of cur/ and new/, or None while either changed too recently to trust (a change
-    within the same clock tick as the last one would not move the mtime)."""
-    parts = []
-    now = time.time_ns()
-    for sub in ("cur", "new"):
-        try:
-            st = os.stat(path / sub)
-        except OSError:
+def local_stamp(path: Path, wait: bool = False) -> str | None:
+    """inode:mtime of cur/ and new/, or None while either changed too recently to trust: a change
+    within the same timestamp tick as the last one would not move the mtime. A tick is a jiffy
+    (at most 10 ms) where mtimes have nanoseconds, up to 2 s where they are whole seconds; see
+    docs/maildir-and-state.md. wait: sleep out the rest of a short window (at most 20 ms) and
+    take the stamp then, rather than give None (used once a folder's changes are done)."""
+    for _ in range(2):
+        parts = []
+        left = 0
+        now = time.time_ns()
+        for sub in ("cur", "new"):
+            try:
+                st = os.stat(path / sub)
+            except OSError:
+                return None
+            coarse = st.st_mtime_ns % 1_000_000_000 == 0  # (by chance on a fine one: the safe side)
+            left = max(left, (STAMP_SETTLE_NS if coarse else STAMP_SETTLE_FINE_NS) - (now - st.st_mtime_ns))
+            parts.append(f"{st.st_ino}:{st.st_mtime_ns}")
+        if left <= 0:
+            return " ".join(parts)
+        if not wait or left > STAMP_SETTLE_FINE_NS:  # coarse, or an mtime in the future
             return None
-        if now - st.st_mtime_ns < STAMP_SETTLE_NS:
-            return None
-        parts.append(f"{st.st_ino}:{st.st_mtime_ns}")
-    return " ".join(parts)
+        time.sleep(left / 1e9)
+    return None
+
+
+# A STATUS answer that showed a folder changed, kept (per session, a few seconds) for the folder's
+# own job: the engine asks every folder's STATUS before its pool starts (engine._skip_unchanged,
+# quick_skip), and the folder's job asks again in its own quick_skip, which LIST-STATUS had saved
+# (the session hands out each listed answer once). Only a "changed" answer is reused: a stale one
+# can only cause work, never a skip.
+CHANGED_STATUS_SECONDS = 10
+_changed_status: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_CHANGED_LOCK = threading.Lock()
 
 
 def _content_of(path: Path) -> str:
@@ -78,6 +100,8 @@ class FolderJob:
         self.too_big: list[int] = []                            # new, over max_message_size
         self._idents: dict[str, Identity] = {}                   # key -> identity of its file, once read
         self.hint_sizes: dict[int, int] = {}                    # UID -> size, of messages hint_pairs paired
+        self.watch: DirWatch | None = None                      # the fast path's (fast_read)
+        self.diverged = False  # a file's flags may differ from the state's: record no stamp
 
     # -- common steps -------------------------------------------------------------------
 
@@ -102,12 +126,22 @@ class FolderJob:
     def status_unchanged(self) -> bool:
         if self._unchanged is not None:
             return self._unchanged
+        with _CHANGED_LOCK:
+            at, st = _changed_status.get(self.s, {}).pop(self.info.name, (0.0, None))
+        if st is None or time.monotonic() - at > CHANGED_STATUS_SECONDS or self._same(st):
+            st = self.s.status(self.info.name)  # (a kept answer only ever says "changed")
+            if not self._same(st):
+                with _CHANGED_LOCK:
+                    _changed_status.setdefault(self.s, {})[self.info.name] = (time.monotonic(), st)
+        self.st = st
+        self._unchanged = self._same(st)
+        return self._unchanged
+
+    def _same(self, st: dict) -> bool:
         f = self.fstate
-        self.st = st = self.s.status(self.info.name)
-        self._unchanged = bool(self.s.condstore and f["uidvalidity"] == st.get("uidvalidity")
+        return bool(self.s.condstore and f["uidvalidity"] == st.get("uidvalidity")
                     and f["uidnext"] == st.get("uidnext") and f["messages"] == st.get("messages")
                     and f["highestmodseq"] is not None and f["highestmodseq"] == st.get("highestmodseq"))
-        return self._unchanged
 
     def quick_skip(self) -> bool:
         """Nothing to do, known without listing the folder or loading its records: the server
@@ -131,7 +165,11 @@ class FolderJob:
         """local_stamp of cur/ and new/ if they hold just what this run believes (on_disk), else
         None (the next run then looks instead of skipping): a mail reader may have delivered,
         renamed or deleted a file after the scan, and a stamp taken after that would hide it."""
-        stamp = local_stamp(self.path)
+        if self.diverged:
+            return None
+        if self.watch is not None:
+            return self.watched_stamp()
+        stamp = local_stamp(self.path, wait=True)
         if stamp is None or stamp == getattr(self, "scan_stamp", None):
             return stamp  # (unchanged since before the scan)
         if self.mf.listing() != self.on_disk or local_stamp(self.path) != stamp:
@@ -176,6 +214,105 @@ class FolderJob:
         else:
             self.present = frozenset(s.all_uids())
 
+    # -- the flag-change fast path: the server changed, the Maildir did not ------------------
+
+    def fast_read(self, writable: bool = False, exact: bool = False) -> bool:
+        """Read a folder whose cur/ and new/ still carry the stamp recorded when they were last in
+        step with the state (so they hold exactly what the state says) in O(what changed on the
+        server): its changed flags (QRESYNC's SELECT, or FETCH CHANGEDSINCE), new and expunged
+        messages, the records of just those UIDs, and their files found by the names their
+        recorded flags give (MaildirFolder.place) instead of listing the folder. False, with
+        nothing changed, where that does not hold (the full path then). On True, new/ and cur/ are
+        watched (DirWatch) until the stamp is taken again (watched_stamp). writable: SELECT, not
+        EXAMINE. exact (mirror, sync): each file found must carry its recorded flags, as the run
+        that took the stamp left them; else the full path sees the local change. On True the
+        recorded stamp is cleared first, so a run killed before its end leaves none."""
+        f, s = self.state.folder_row(self.info.name), self.s
+        if (self.opts.dry_run or f is None or not f["local_stamp"] or f["path"] != self.rel or not s.condstore
+                or f["uidvalidity"] is None or not f["highestmodseq"] or f["local_stamp"] != local_stamp(self.path)):
+            return False
+        self.fstate, self.fid, self.existed = f, f["id"], True
+        self.status_unchanged()  # (self.st)
+        if self.st.get("uidvalidity") != f["uidvalidity"]:
+            return False
+        self.mf = MaildirFolder(self.path, maildirfolder=(self.path != self.acc.maildir and self.acc.layout == "maildir++"))
+        self.mf.ensure()
+        # watched from before the stamp is compared: every later change shows in the events
+        watch = DirWatch(self.path)
+        try:
+            if not watch.ok or f["local_stamp"] != local_stamp(self.path) or self.mf.staged_left() \
+                    or self.state.pending_uploads(self.fid) or not self._read_changes(writable, exact):
+                watch.close()
+                return False
+        except BaseException:
+            watch.close()
+            raise
+        self.watch = watch  # (closed by watched_stamp; if the run fails first, when it is dropped)
+        self.state.set_local_stamp(self.fid, None)  # a run killed from here on leaves no stamp
+        return True
+
+    def _read_changes(self, writable: bool, exact: bool) -> bool:
+        s, f, fid = self.s, self.fstate, self.fid
+        if s.qresync:
+            sel, changed, vanished = s.select_qresync(self.info.name, f["uidvalidity"], f["highestmodseq"],
+                                                      readonly=not writable)
+        else:
+            sel, changed, vanished = (s.select if writable else s.examine)(self.info.name), None, set()
+        if sel.get("uidvalidity") != f["uidvalidity"]:
+            return False
+        self.sel = sel
+        self.validity, self.same_validity, self.old_validity = f["uidvalidity"], True, None
+        old_next = f["uidnext"] or 1
+        self.flags = dict(changed) if changed is not None else s.flags(old_next, f["highestmodseq"])
+        self.new_full = s.new_messages(old_next)
+        for uid, (_size, fl, kw) in self.new_full.items():
+            self.flags[uid] = (fl, kw)
+        self.exists = sel.get("exists", self.st.get("messages", 0))
+        self.known = self.state.records_of(fid, self.validity, set(self.flags) | vanished)
+        if vanished:
+            self.present = frozenset(u for u in self.known if u not in vanished) | frozenset(self.new_full)
+        elif self.exists - len(self.new_full) == self.state.count_on_server(fid, self.validity, old_next):
+            self.present = None  # counts prove nothing below old_next was expunged
+        else:
+            return False  # expunged, and which ones takes every UID (CONDSTORE alone): the full path
+        self.on_disk = {}
+        for rec in self.known.values():
+            if rec.on_server:
+                # normally where its recorded flags say; else looked for (a mail reader renamed it
+                # before the stamp was taken, in backup mode): never a lost change
+                where = self.mf.place(rec.key, rec.flags, rec.keywords) or self.mf.locate(rec.key)
+                if where is None:
+                    return False  # not on disk after all: the full path fetches it again
+                if exact and self.mf.flags_of(where[1]) != (rec.flags, self.mf.kw.representable(rec.keywords)):
+                    return False  # changed locally after all: the full path merges it
+                self.on_disk[rec.key] = where
+        self.known_keys = {r.key for r in self.known.values()}
+        if self.new_full:
+            # new mail may be a file held already (an archived copy, a file the state does not
+            # know), matched as the full path does, which takes the folder's listing (not its records)
+            for key, where in self.mf.listing().items():
+                self.on_disk.setdefault(key, where)
+            self.known_keys = self.state.keys(fid)
+        self.before = dict(self.on_disk)
+        return True
+
+    def watched_stamp(self) -> str | None:
+        """The fast path's new stamp: local_stamp once settled, if new/ and cur/ changed meanwhile
+        by exactly this run's own renames, deliveries and deletions (before -> on_disk), else None.
+        The events are read after the stamp is taken, so a change they miss comes later, and moves
+        the mtime past the stamp."""
+        stamp = local_stamp(self.path, wait=True)
+        seen = self.watch.changes()
+        self.watch.close()
+        mine: dict[tuple[str, str], int] = {}
+        for key in self.before.keys() | self.on_disk.keys():
+            was, now = self.before.get(key), self.on_disk.get(key)
+            if was != now:
+                for where, n in ((was, -1), (now, 1)):
+                    if where is not None:
+                        mine[where] = mine.get(where, 0) + n
+        return stamp if stamp is not None and seen == {k: n for k, n in mine.items() if n} else None
+
     def rebind_known_mail(self, fetch: list[int]) -> list[int]:
         """Mail we already hold under an old UID (UIDVALIDITY changed, or the server renumbered
         messages) is re-bound instead of stored twice. Returns what is left to download."""
@@ -210,6 +347,8 @@ class FolderJob:
             where = self.mf.retag(key, self.on_disk[key], flags, keywords)
             if where is not None:
                 self.on_disk[key] = where
+                if self.mf.flags_of(where[1]) != (flags, self.mf.kw.representable(keywords)):
+                    self.diverged = True  # a mail reader's change merged in: the next run must look
 
     def download(self, todo: list[int], refetch: set[int], adopt: set[str], union: bool = False) -> None:
         """Fetch messages in batches bounded by bytes: stage in tmp/, flush as a group, record,
@@ -350,6 +489,7 @@ class FolderJob:
                                "no local file was deleted")
         elif res.renumbered:
             res.notices.append(f"the server gave {res.renumbered} messages new UIDs: matched again, not downloaded")
+        stamp = self.stamp_in_step()  # (may wait up to 20 ms: not inside the transaction)
         with self.state.transaction() as tx:
             if not self.same_validity:
                 tx.mark_old_gone(self.fid, self.validity)
@@ -359,7 +499,7 @@ class FolderJob:
             tx.save_folder(self.fid, uidvalidity=self.validity,
                            uidnext=uidnext,
                            highestmodseq=self.sel.get("highestmodseq") if self.s.condstore else None,
-                           messages=self.exists, local_stamp=self.stamp_in_step())
+                           messages=self.exists, local_stamp=stamp)
         crashpoint.hit("folder")
 
     # -- backup: server -> Maildir ------------------------------------------------------
@@ -368,14 +508,15 @@ class FolderJob:
         if self.quick_skip():
             self.res.skipped = True
             return
-        self.prepare_local()
-        if self.status_unchanged() and not (
-                self.state.keys(self.fid, uidvalidity=self.fstate["uidvalidity"], on_server=True)
-                - self.on_disk.keys()):
-            self.res.skipped = True
-            self.remember_in_step()
-            return
-        self.read_server(writable=False)
+        if not self.fast_read():
+            self.prepare_local()
+            if self.status_unchanged() and not (
+                    self.state.keys(self.fid, uidvalidity=self.fstate["uidvalidity"], on_server=True)
+                    - self.on_disk.keys()):
+                self.res.skipped = True
+                self.remember_in_step()
+                return
+            self.read_server(writable=False)
         view = ServerView(flags=self.flags, new={u: v[0] for u, v in self.new_full.items()},
                           present=self.present)
         plan = plan_backup(view, self.known, self.on_disk.keys())
@@ -411,13 +552,16 @@ class FolderJob:
         if self.quick_skip():
             self.res.skipped = True
             return
-        self.prepare_local()
-        self.status_unchanged()  # (STATUS: the counters read_server compares with)
-        self.read_server(writable=False)
+        fast = self.fast_read(exact=True)  # (unchanged files carry their recorded flags)
+        if not fast:
+            self.prepare_local()
+            self.status_unchanged()  # (STATUS: the counters read_server compares with)
+            self.read_server(writable=False)
         view = ServerView(flags=self.flags, new={u: v[0] for u, v in self.new_full.items()},
                           present=self.present)
         plan = plan_backup(view, self.known, self.on_disk.keys())
-        on_server = sum(1 for r in self.known.values() if r.on_server)
+        on_server = self.state.count_on_server(self.fid, self.validity, 2**32) if fast \
+            else sum(1 for r in self.known.values() if r.on_server)
         why = deletion_guard(SyncPlan(delete_local=plan.gone), on_server, self.acc.max_delete)
         if why and not self.opts.force:
             raise SafetyAbort(f"{why}; nothing was changed in this folder",
@@ -483,6 +627,9 @@ class FolderJob:
         if exists_here and self.quick_skip():
             self.res.skipped = True
             return
+        if exists_here and self.fast_read(writable=True, exact=True):
+            self.sync_server_changes()
+            return
         self.prepare_local()
         base_keys = self.state.keys(self.fid, uidvalidity=self.fstate["uidvalidity"], on_server=True) \
             if self.fstate["uidvalidity"] is not None else set()
@@ -543,6 +690,30 @@ class FolderJob:
             self.res.rebound += len(plan.pair)
             return
         self.apply(plan, base, adopt=(set(plan.upload) | archived), local_flags=local_flags)
+        self.save_counters()
+
+    def sync_server_changes(self) -> None:
+        """Two-way, the fast path (fast_read): the Maildir is as the last run left it, each file
+        with its recorded flags, so only the server changed: its flag changes are pulled, its new
+        mail fetched, its expunges deleted locally (under the deletion guard), nothing is pushed
+        or uploaded. The same plan and apply as the full path, over the changed messages only."""
+        base = {u: r for u, r in self.known.items() if r.on_server}
+        local_flags = {r.key: r.flags | r.keywords for r in base.values()}  # (fast_read checked them)
+        archived = set()
+        if self.new_full:  # archived copies may be new server mail (pair_new, download)
+            archived = {r.key for _rid, r in self.state.off_server_records(self.fid, self.validity)} \
+                & self.on_disk.keys()
+        fetch_new = set(self.skip_too_big(sorted(u for u in self.new_full if u not in self.known)))
+        plan = plan_sync(base, self.flags, self.present, fetch_new, local_flags, self.acc.conflict)
+        why = deletion_guard(plan, self.state.count_on_server(self.fid, self.validity, 2**32), self.acc.max_delete)
+        if why and not self.opts.force:
+            self.res.plan = plan
+            raise SafetyAbort(f"{why}; nothing was changed in this folder",
+                              hint="check what happened, then run with --force if it is right")
+        plan = self.pair_new(plan, archived)
+        self.res.plan = plan
+        self.res.conflicts.extend(plan.conflicts)
+        self.apply(plan, base, adopt=archived, local_flags=local_flags)
         self.save_counters()
 
     def pair_new(self, plan, archived: set[str]):
@@ -668,6 +839,7 @@ class FolderJob:
         refused = self._store_sets([(uid, (self._remote_all(uid, base) | add) - remove)
                                     for uid, add, remove in plan.push], unchanged)
         if refused:
+            self.diverged = True  # local flags not recorded yet
             self.res.notices.append(f"{len(refused)} messages changed on the server during the run; "
                                     "their flags are merged on the next run")
         pulls = {uid: fl for uid, fl in plan.pull if uid not in refused}
@@ -708,6 +880,7 @@ class FolderJob:
                     elif now is not None:
                         mf.remove(key, now)  # gone already (deleted by a mail reader): fine
             done = [u for u in plan.delete_local if u not in kept]
+            self.diverged |= bool(kept)
             mf.sync_dirs()
             with state.transaction() as tx:
                 tx.forget(fid, validity, done)
@@ -733,6 +906,7 @@ class FolderJob:
                                         "server meanwhile; not deleted there (see conflict on the next run)")
             expunged = self.s.expunge(doomed) if doomed else True
             crashpoint.hit("expunged")
+            self.diverged |= bool(refused_del) or not expunged  # the next run looks again
             if not expunged:
                 self.res.notices.append("the server lacks UIDPLUS and other messages are marked \\Deleted: "
                                         "messages removed locally are marked \\Deleted, expunged on a later run")
@@ -801,6 +975,7 @@ class FolderJob:
                                                            size=len(raw), sha256=sha, message_id=mid), mtime)
                 tx.clear_upload(self.fid, key)
             if uid is None:
+                self.diverged = True  # a file the state does not know yet
                 self.res.notices.append(f"uploaded {name} but could not learn its UID; it is matched by "
                                         "Message-ID and content on the next run")
             self.res.uploaded += 1

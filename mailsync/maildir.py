@@ -20,6 +20,7 @@ import os
 import re
 import secrets
 import socket
+import struct
 import time
 from pathlib import Path
 
@@ -356,6 +357,22 @@ class MaildirFolder:
                 break
         return found
 
+    def place(self, key: str, flags: frozenset[str], keywords=()) -> tuple[str, str] | None:
+        """Where the file of a message whose recorded flags are these is, found without listing a
+        directory: the name publish and retag give it (the letters of its flags, keyword letters
+        from dovecot-keywords), in new/ or cur/ by \\Seen, or in the other one (a mail reader moves
+        unread mail to cur/ without a flag). None if it is not there (then locate() looks)."""
+        letters = "".join(chr(97 + self.kw.index[k]) for k in keywords if k in self.kw.index)
+        name = join_name(key, info_letters(flags, letters))
+        for sub in (("cur", "new") if "\\Seen" in flags else ("new", "cur")):
+            if os.path.lexists(self.path / sub / name):
+                return sub, name
+        return None
+
+    def staged_left(self) -> bool:
+        """tmp/ holds a file of ours: a delivery a killed run left (recover() finishes or removes it)."""
+        return any(_OUR_TMP.match(n) for n in self.tmp_keys())
+
     def tmp_keys(self) -> set[str]:
         try:
             return {n for n in os.listdir(self.path / "tmp") if not n.startswith(".")}
@@ -556,3 +573,75 @@ class MaildirFolder:
             except OSError:
                 continue
         return removed
+
+
+# ----------------------------------------------------------------------------- watching new/ and cur/
+
+_IN_MOVED_FROM, _IN_MOVED_TO, _IN_CREATE, _IN_DELETE = 0x40, 0x80, 0x100, 0x200
+_IN_DELETE_SELF, _IN_MOVE_SELF, _IN_Q_OVERFLOW, _IN_IGNORED = 0x400, 0x800, 0x4000, 0x8000
+_IN_ONLYDIR, _IN_NONBLOCK, _IN_CLOEXEC = 0x01000000, os.O_NONBLOCK, os.O_CLOEXEC
+_EVENT = struct.Struct("iIII")
+
+
+class DirWatch:
+    """The names added to and removed from a folder's new/ and cur/ while it watches (Linux
+    inotify), by anyone: this run and mail readers alike. The flag-change fast path changes a few
+    files without listing the folder; comparing these events with its own changes tells whether
+    anything else changed meanwhile, which the directories' mtime cannot (this run's own renames
+    move it too). `ok` is False where inotify is missing or out of instances: no fast path."""
+
+    def __init__(self, path: Path) -> None:
+        self.fd = -1
+        self.subs: dict[int, str] = {}
+        if _libc is None or not hasattr(_libc, "inotify_init1"):
+            return
+        fd = _libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
+        if fd < 0:
+            return
+        self.fd = fd
+        for sub in ("new", "cur"):
+            wd = _libc.inotify_add_watch(fd, os.fsencode(path / sub), _IN_CREATE | _IN_DELETE | _IN_MOVED_FROM
+                                         | _IN_MOVED_TO | _IN_DELETE_SELF | _IN_MOVE_SELF | _IN_ONLYDIR)
+            if wd < 0:
+                self.close()
+                return
+            self.subs[wd] = sub
+
+    @property
+    def ok(self) -> bool:
+        return self.fd >= 0
+
+    def changes(self) -> dict[tuple[str, str], int] | None:
+        """(subdir, name) -> names added minus removed since the watch began (zeros left out), or
+        None if that is unknown: the queue overflowed, or new/ or cur/ itself was moved or removed."""
+        if self.fd < 0:
+            return None
+        net: dict[tuple[str, str], int] = {}
+        while True:
+            try:
+                buf = os.read(self.fd, 1 << 16)
+            except BlockingIOError:
+                break
+            except OSError:
+                return None
+            if not buf:
+                break
+            at = 0
+            while at + _EVENT.size <= len(buf):
+                wd, mask, _cookie, size = _EVENT.unpack_from(buf, at)
+                name = os.fsdecode(buf[at + _EVENT.size:at + _EVENT.size + size].rstrip(b"\0"))
+                at += _EVENT.size + size
+                if mask & (_IN_Q_OVERFLOW | _IN_DELETE_SELF | _IN_MOVE_SELF | _IN_IGNORED) or wd not in self.subs:
+                    return None
+                if name.startswith("."):
+                    continue  # not a message file (scan skips them too)
+                where = (self.subs[wd], name)
+                net[where] = net.get(where, 0) + (1 if mask & (_IN_CREATE | _IN_MOVED_TO) else -1)
+        return {k: v for k, v in net.items() if v}
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    __del__ = close  # a run that failed before reading its events

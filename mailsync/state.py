@@ -116,6 +116,22 @@ def _row_record(row) -> Record:
                   on_server=bool(row["on_server"]))
 
 
+def _records(rows) -> dict[int, Record]:
+    """Records from (uid, key, flags, keywords, size, sha256, message_id, on_server) rows."""
+    flag_sets: dict[str, frozenset[str]] = {}   # few distinct flag and keyword sets: decode each once
+    kw_sets: dict[str, frozenset[str]] = {}
+    out = {}
+    for uid, key, flags, keywords, size, sha, mid, on_server in rows:
+        fl = flag_sets.get(flags)
+        if fl is None:
+            fl = flag_sets[flags] = decode_flags(flags)
+        kw = kw_sets.get(keywords)
+        if kw is None:
+            kw = kw_sets[keywords] = frozenset(keywords.split("\x1f")) if keywords else frozenset()
+        out[uid] = Record(uid, key, fl, kw, size, sha, mid, bool(on_server))
+    return out
+
+
 def _kw(keywords: frozenset[str]) -> str:
     return "\x1f".join(sorted(keywords))
 
@@ -206,18 +222,28 @@ class State:
                                   "FROM messages WHERE folder_id=? AND uidvalidity=?", (fid, uidvalidity))
             cur.row_factory = None  # plain tuples: this runs over every message of a folder
             rows = cur.fetchall()
-        flag_sets: dict[str, frozenset[str]] = {}   # few distinct flag and keyword sets: decode each once
-        kw_sets: dict[str, frozenset[str]] = {}
-        out = {}
-        for uid, key, flags, keywords, size, sha, mid, on_server in rows:
-            fl = flag_sets.get(flags)
-            if fl is None:
-                fl = flag_sets[flags] = decode_flags(flags)
-            kw = kw_sets.get(keywords)
-            if kw is None:
-                kw = kw_sets[keywords] = frozenset(keywords.split("\x1f")) if keywords else frozenset()
-            out[uid] = Record(uid, key, fl, kw, size, sha, mid, bool(on_server))
-        return out
+        return _records(rows)
+
+    def records_of(self, fid: int, uidvalidity: int, uids) -> dict[int, Record]:
+        """The records of some UIDs only (those the server reports changed, new or expunged: the
+        flag-change fast path), looked up by the (folder, uidvalidity, uid) index in chunks."""
+        uids = sorted(uids)
+        rows = []
+        with self._lock:
+            for i in range(0, len(uids), 500):
+                chunk = uids[i:i + 500]
+                cur = self.db.execute("SELECT uid, key, flags, keywords, size, sha256, message_id, on_server "
+                                      "FROM messages WHERE folder_id=? AND uidvalidity=? AND uid IN "
+                                      f"({','.join('?' * len(chunk))})", (fid, uidvalidity, *chunk))
+                cur.row_factory = None
+                rows += cur.fetchall()
+        return _records(rows)
+
+    def count_on_server(self, fid: int, uidvalidity: int, below_uid: int) -> int:
+        """How many records below a UID are still on the server (counted in SQLite, not loaded)."""
+        with self._lock:
+            return self.db.execute("SELECT COUNT(*) FROM messages WHERE folder_id=? AND uidvalidity=? AND uid<?"
+                                   " AND on_server=1", (fid, uidvalidity, below_uid)).fetchone()[0]
 
     def off_server_records(self, fid: int, uidvalidity: int) -> list[tuple[int, Record]]:
         """(row id, record) of a folder's messages not (or no longer) known on the server: those of

@@ -297,7 +297,7 @@ class EngineMachine(RuleBasedStateMachine):
     def time_passes(self) -> None:
         """The Maildir was last changed a while ago: cur/ and new/ get an mtime 10 s back, as if
         the clock had moved on. A run then trusts their inode:mtime stamp (a change within the
-        last 2 s is not trusted, folderjob.local_stamp), so the next run may skip the folder
+        settle window is not trusted, folderjob.local_stamp), so the next run may skip the folder
         without listing it (FolderJob.quick_skip): the path of most real runs. (Setting the mtime
         back, not faking the clock: a change made later still gets a new mtime.)"""
         back = time.time_ns() - 10 * 10**9
