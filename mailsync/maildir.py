@@ -237,19 +237,19 @@ class StagedFile(BodyWriter):
         try:
             if mtime is not None:
                 os.utime(self.fd, (mtime, mtime))
-            os.close(self.fd)
-            self.fd = -1
+            fd, self.fd = self.fd, -1  # (never closed twice: see DirWatch.close)
+            os.close(fd)
         except OSError as exc:
             self.discard()
             raise storage_error(exc, f"cannot write {self.path}") from None
 
     def discard(self) -> None:
         if self.fd >= 0:
+            fd, self.fd = self.fd, -1  # (never closed twice: see DirWatch.close)
             try:
-                os.close(self.fd)
+                os.close(fd)
             except OSError:
                 pass
-            self.fd = -1
         try:
             os.unlink(self.path)
         except OSError:
@@ -640,8 +640,11 @@ class DirWatch:
         return {k: v for k, v in net.items() if v}
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        # forgotten before it is closed: a KeyboardInterrupt (Ctrl-C, or watch's SIGTERM) between
+        # the two must leave it unclosed, never closed twice (by then the number may be another
+        # file's, such as the state database's)
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
 
     __del__ = close  # a run that failed before reading its events

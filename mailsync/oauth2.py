@@ -303,8 +303,8 @@ class TokenStore:
             finally:
                 self._depth -= 1
                 if self._depth == 0 and self._fd is not None:
-                    os.close(self._fd)
-                    self._fd = None
+                    fd, self._fd = self._fd, None  # (never closed twice: see maildir.DirWatch.close)
+                    os.close(fd)
 
     def load(self) -> dict | None:
         if self._keyring:

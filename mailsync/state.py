@@ -413,5 +413,5 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
+            fd, self.fd = self.fd, None  # (never closed twice: see maildir.DirWatch.close)
+            os.close(fd)
