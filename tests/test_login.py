@@ -7,8 +7,10 @@ a wrong password is an AuthError naming the account with the password nowhere (m
 from __future__ import annotations
 
 import base64
+import itertools
 import logging
 import poplib
+import socket
 import ssl
 import traceback
 from dataclasses import dataclass, replace
@@ -29,6 +31,24 @@ from tests.helpers import msg
 DOVECOT_IMAP = Capabilities.imap(["IMAP4rev1", "SASL-IR", "LOGIN-REFERRALS", "ID", "ENABLE", "IDLE", "LITERAL+",
                                   "AUTH=PLAIN", "AUTH=LOGIN"])
 DOVECOT_POP3 = Capabilities.pop3(["CAPA", "TOP", "UIDL", "RESP-CODES", "USER", "SASL PLAIN LOGIN"])
+
+
+_sources = itertools.count(2)
+
+
+@pytest.fixture(autouse=True)
+def own_source_address(monkeypatch):
+    """Each connection these tests open comes from an address of its own in 127/8 (Linux routes
+    all of it to lo). Dovecot delays every login from an address after a failed one (its auth
+    penalty); these tests fail logins on purpose, and would otherwise wait it out again and again."""
+    real = socket.create_connection
+
+    def connect(address, timeout=socket._GLOBAL_DEFAULT_TIMEOUT, source_address=None, **kw):
+        if source_address is None and address[0] == "127.0.0.1":
+            n = next(_sources)
+            source_address = (f"127.0.{n // 250 % 250}.{n % 250 + 2}", 0)
+        return real(address, timeout, source_address, **kw)
+    monkeypatch.setattr(socket, "create_connection", connect)
 
 
 def account(server, username: str, protocol: str = "imap", **kw) -> Account:
