@@ -549,7 +549,7 @@ def _fast_tmp() -> str | None:
 # not; 300 take a few seconds. No "explain" phase: on a failure it replays the example some
 # 1400 times (~50 s).
 PHASES = [Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink]
-SyncMachine.TestCase.settings = settings(max_examples=300, stateful_step_count=25, deadline=None, phases=PHASES)
-MirrorMachine.TestCase.settings = settings(max_examples=200, stateful_step_count=25, deadline=None, phases=PHASES)
+SyncMachine.TestCase.settings = settings(max_examples=200, stateful_step_count=25, deadline=None, phases=PHASES)
+MirrorMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=25, deadline=None, phases=PHASES)
 TestSyncMachine = SyncMachine.TestCase
 TestMirrorMachine = MirrorMachine.TestCase
