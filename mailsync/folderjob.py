@@ -13,6 +13,7 @@ import os
 import threading
 import time
 import weakref
+from collections import ChainMap
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -172,7 +173,7 @@ class FolderJob:
         stamp = local_stamp(self.path, wait=True)
         if stamp is None or stamp == getattr(self, "scan_stamp", None):
             return stamp  # (unchanged since before the scan)
-        if self.mf.listing() != self.on_disk or local_stamp(self.path) != stamp:
+        if not self.mf.holds_just(self.on_disk) or local_stamp(self.path) != stamp:
             return None
         return stamp
 
@@ -200,9 +201,7 @@ class FolderJob:
             self.flags = dict(quick[0])  # QRESYNC: changed flags came with the SELECT
         else:
             self.flags = s.flags(old_next, modseq) if self.known else {}
-        self.new_full = s.new_messages(old_next)
-        for uid, (_size, fl, kw) in self.new_full.items():
-            self.flags[uid] = (fl, kw)
+        self.new_full = s.new_sizes(old_next, self.flags)  # (their flags go into self.flags)
         self.exists = sel.get("exists", self.st.get("messages", 0))
         known_below = sum(1 for uid, r in self.known.items() if r.on_server and uid < old_next)
         if quick is not None and quick[1]:
@@ -264,9 +263,7 @@ class FolderJob:
         self.validity, self.same_validity, self.old_validity = f["uidvalidity"], True, None
         old_next = f["uidnext"] or 1
         self.flags = dict(changed) if changed is not None else s.flags(old_next, f["highestmodseq"])
-        self.new_full = s.new_messages(old_next)
-        for uid, (_size, fl, kw) in self.new_full.items():
-            self.flags[uid] = (fl, kw)
+        self.new_full = s.new_sizes(old_next, self.flags)
         self.exists = sel.get("exists", self.st.get("messages", 0))
         self.known = self.state.records_of(fid, self.validity, set(self.flags) | vanished)
         if vanished:
@@ -376,9 +373,9 @@ class FolderJob:
             by_hash.setdefault(ident.sha256, []).append((None, rec))
             if ident.content != ident.sha256:
                 by_hash.setdefault(ident.content, []).append((None, rec))
-        sizes = {u: v[0] for u, v in self.new_full.items()}
-        for uid in refetch:
-            sizes.setdefault(uid, self.known[uid].size if uid in self.known else 0)
+        # (a view, not a copy: a folder's first backup has a size per message)
+        sizes = ChainMap({uid: self.known[uid].size if uid in self.known else 0
+                          for uid in refetch if uid not in self.new_full}, self.new_full)
         self.progress("folder_start", {"folder": self.info.name, "messages": len(todo),
                                        "bytes": sum(sizes.get(u, 0) for u in todo)})
         unanswered: list[int] = []
@@ -472,13 +469,14 @@ class FolderJob:
         limit = self.acc.max_message_size
         if not limit:
             return list(fetch)
-        big = [u for u in fetch if self.new_full.get(u, (0,))[0] > limit]
+        big = [u for u in fetch if self.new_full.get(u, 0) > limit]
         if big:
             self.too_big = big
             self.res.skipped_too_big = len(big)
             self.res.notices.append(f"{len(big)} messages larger than max_message_size ({limit} bytes) were not "
                                     "downloaded; raise max_message_size to get them")
-        return [u for u in fetch if u not in set(big)]
+        skipped = set(big)
+        return [u for u in fetch if u not in skipped]
 
     def save_counters(self) -> None:
         """Counters last: only after everything they cover is durable."""
@@ -517,7 +515,7 @@ class FolderJob:
                 self.remember_in_step()
                 return
             self.read_server(writable=False)
-        view = ServerView(flags=self.flags, new={u: v[0] for u, v in self.new_full.items()},
+        view = ServerView(flags=self.flags, new=self.new_full,
                           present=self.present)
         plan = plan_backup(view, self.known, self.on_disk.keys())
         if plan.set_flags or plan.gone or plan.back:
@@ -557,7 +555,7 @@ class FolderJob:
             self.prepare_local()
             self.status_unchanged()  # (STATUS: the counters read_server compares with)
             self.read_server(writable=False)
-        view = ServerView(flags=self.flags, new={u: v[0] for u, v in self.new_full.items()},
+        view = ServerView(flags=self.flags, new=self.new_full,
                           present=self.present)
         plan = plan_backup(view, self.known, self.on_disk.keys())
         on_server = self.state.count_on_server(self.fid, self.validity, 2**32) if fast \

@@ -426,12 +426,19 @@ class ImapSession:
 
     def new_messages(self, from_uid: int) -> dict[int, tuple[int, frozenset[str], frozenset[str]]]:
         """UID -> (size, flags, keywords) for messages with UID >= from_uid."""
-        out: dict[int, tuple[int, frozenset[str], frozenset[str]]] = {}
+        flags: dict[int, tuple[frozenset[str], frozenset[str]]] = {}
+        return {uid: (size, *flags[uid]) for uid, size in self.new_sizes(from_uid, flags).items()}
+
+    def new_sizes(self, from_uid: int, flags: dict) -> dict[int, int]:
+        """UID -> size for messages with UID >= from_uid; their (flags, keywords) are put into
+        `flags`. A folder's listing costs two dict entries per message: the pairs are shared
+        (normalise_flags), no tuple is made per message."""
+        out: dict[int, int] = {}
 
         def each(uid: int, d: dict) -> None:
             if uid >= from_uid:
-                fl, kw = normalise_flags(d.get(b"FLAGS", ()))
-                out[uid] = (int(d.get(b"RFC822.SIZE", 0) or 0), fl, kw)
+                out[uid] = int(d.get(b"RFC822.SIZE", 0) or 0)
+                flags[uid] = normalise_flags(d.get(b"FLAGS", ()))
         self._fetch(f"{max(from_uid, 1)}:*", [b"FLAGS", b"RFC822.SIZE"], each=each)
         return out
 

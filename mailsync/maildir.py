@@ -203,9 +203,11 @@ class StagedFile(BodyWriter):
 
     HEAD = 64 * 1024
 
-    def __init__(self, folder: Path, hashed: bool = True) -> None:
+    def __init__(self, folder: Path | str, hashed: bool = True) -> None:
         self.key = new_key()
-        self.path = folder / "tmp" / self.key
+        # a str, not a Path: pathlib interns every name it parses, and a backup of a large
+        # folder would keep a process-wide table of 100,000 file names
+        self.path = f"{folder}/tmp/{self.key}"
         self.size = 0
         self._sha = hashlib.sha256() if hashed else None
         self.head = b""
@@ -261,6 +263,7 @@ class StagedFile(BodyWriter):
 class MaildirFolder:
     def __init__(self, path: Path, *, maildirfolder: bool = False) -> None:
         self.path = path
+        self._dir = str(path)
         self.maildirfolder = maildirfolder
         self.kw = KeywordMap(path)
 
@@ -321,6 +324,27 @@ class MaildirFolder:
             except OSError as exc:
                 raise storage_error(exc, f"cannot read {self.path / sub}") from None
         return found
+
+    def holds_just(self, expected: dict[str, tuple[str, str]]) -> bool:
+        """new/ and cur/ hold exactly `expected` (key -> (subdir, file name)): listing() ==
+        expected, compared as the directories are read, without building the listing (a large
+        folder's would be as big as `expected`). A message with two files counts as different."""
+        seen = 0
+        for sub in ("new", "cur"):
+            try:
+                with os.scandir(f"{self._dir}/{sub}") as it:
+                    for entry in it:
+                        name = entry.name
+                        if name.startswith("."):
+                            continue
+                        if expected.get(split_name(name)[0]) != (sub, name):
+                            return False
+                        seen += 1
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise storage_error(exc, f"cannot read {self.path / sub}") from None
+        return seen == len(expected)
 
     def _dir_stamps(self) -> tuple:
         out = []
@@ -383,11 +407,11 @@ class MaildirFolder:
 
     def open_staged(self, size: int = 0) -> StagedFile:
         """A new file in tmp/ to stream a message into (see StagedFile)."""
-        return StagedFile(self.path)
+        return StagedFile(self._dir)
 
     def stage(self, data: bytes, mtime: float | None) -> str:
         """Write a whole message held in memory to tmp/; returns its key."""
-        f = StagedFile(self.path, hashed=False)
+        f = StagedFile(self._dir, hashed=False)
         f.write(data)
         f.finish(mtime)
         return f.key
@@ -407,7 +431,7 @@ class MaildirFolder:
                     os.close(fd)
             else:
                 for key in keys:
-                    fd = os.open(self.path / "tmp" / key, os.O_RDONLY)
+                    fd = os.open(f"{self._dir}/tmp/{key}", os.O_RDONLY)
                     try:
                         os.fsync(fd)
                     finally:
@@ -419,8 +443,8 @@ class MaildirFolder:
         """tmp/<key> -> new|cur/<key>:2,<letters>. Never overwrites. Returns the file name."""
         sub = "cur" if "\\Seen" in flags else "new"
         name = join_name(key, self._info(flags, keywords))
-        src = self.path / "tmp" / key
-        dst = self.path / sub / name
+        src = f"{self._dir}/tmp/{key}"  # (str paths: see StagedFile)
+        dst = f"{self._dir}/{sub}/{name}"
         try:
             os.link(src, dst)
         except FileExistsError:

@@ -229,6 +229,13 @@ class MemorySession:
             return {u: (len(m.data), m.flags, m.keywords) for u, m in sorted(self._sel().messages.items())
                     if u >= from_uid}
 
+    def new_sizes(self, from_uid: int, flags: dict) -> dict[int, int]:
+        """As ImapSession.new_sizes: UID -> size, and (flags, keywords) put into `flags`."""
+        out = {}
+        for u, (size, fl, kw) in self.new_messages(from_uid).items():
+            out[u], flags[u] = size, (fl, kw)
+        return out
+
     def sizes(self, uids) -> dict[int, int]:
         self._cmd("UID FETCH RFC822.SIZE")
         with self.server.lock:

@@ -769,3 +769,33 @@ def test_run_lock_excludes_a_second_run_until_released(tmp_path):
     with RunLock(tmp_path) as again:
         assert again.fd is not None
     assert re.fullmatch(r"\d+\n", (tmp_path / LOCK_NAME).read_text())
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(files=st.lists(st.tuples(st.sampled_from(["new", "cur"]), st.sampled_from("abcdef"),
+                                st.sampled_from(["", ":2,S", ":2,FS"])), max_size=8),
+       change=st.sampled_from(["none", "drop", "rename", "move", "extra"]))
+def test_holds_just_agrees_with_the_listing(tmp_path_factory, files, change):
+    """The check that lets a run record its folder's stamp (no listing kept in memory) says "in
+    step" exactly when a listing would, and never when one message has two files."""
+    from mailsync.maildir import MaildirFolder
+    d = tmp_path_factory.mktemp("md")
+    mf = MaildirFolder(d)
+    mf.ensure()
+    for sub, key, info in files:
+        (d / sub / f"{key}{info}").touch()
+    expected = dict(mf.listing())
+    if expected and change != "none":
+        key = sorted(expected)[0]
+        sub, name = expected[key]
+        if change == "drop":
+            del expected[key]
+        elif change == "rename":
+            expected[key] = (sub, name + "T")
+        elif change == "move":
+            expected[key] = ("new" if sub == "cur" else "cur", name)
+        else:
+            expected["zzz"] = ("new", "zzz")
+    made = {(sub, key + info) for sub, key, info in files}
+    doubled = len(made) > len({key for _, key, _ in files})  # a message with two files
+    assert mf.holds_just(expected) == (mf.listing() == expected and not doubled)
