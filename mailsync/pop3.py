@@ -10,9 +10,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import poplib
+import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from mailsync import login, ratelimit
 from mailsync.config import Account
@@ -28,7 +29,33 @@ from mailsync.runner import Fresh, Stopped, with_session
 from mailsync.state import RunLock, State
 
 Progress = Callable[[str, dict], None]
-MAX_LINE = 64 * 1024 * 1024  # a single line longer than this is refused as hostile
+MAX_LINE = 64 * 1024 * 1024  # a multi-line answer (TOP) longer than this is refused as hostile
+PIPELINE = 64                # RETRs in flight, where the server offers PIPELINING
+_END = re.compile(rb"\n\.\r?\n")  # the terminating line "." (dot-stuffing keeps it out of bodies)
+
+
+def read_dotted(f, limit: int) -> bytes:
+    """A multi-line answer's body, up to its terminating line ".", byte-exact but for the
+    dot-stuffing (one "." removed from each line that starts with one). Read a buffer at a time
+    and never past the terminator, so a pipelined next answer stays unread. Longer than `limit`:
+    refused (a server that never ends the answer must not fill the memory)."""
+    out = bytearray()
+    while True:
+        data = f.peek(1 << 16)
+        if not data:
+            raise EOFError("EOF in the middle of a message")
+        tail = bytes(out[-4:]) if len(out) >= 4 else b"\n" + out  # (the body starts at a line start)
+        m = _END.search(tail + data)
+        if m is not None:
+            out += f.read(m.end() - len(tail))
+            del out[len(out) - (m.end() - m.start() - 1):]  # the terminator, not the line end before it
+            break
+        out += f.read(len(data))
+        if len(out) > limit:
+            raise poplib.error_proto(b"-ERR answer longer than %d bytes" % limit)
+    if out.startswith(b"."):
+        del out[0]
+    return bytes(out).replace(b"\n.", b"\n")
 
 
 class Pop3Session:
@@ -90,33 +117,40 @@ class Pop3Session:
             out[int(num)] = uid.strip()
         return out, True
 
-    def raw(self, command: str) -> bytes:
+    def raw(self, command: str, limit: int = MAX_LINE) -> bytes:
         """A multi-line command's body exactly as sent, with only the dot-stuffing undone."""
         def run():
             self.pop._putcmd(command)
-            resp = self.pop._getresp()
-            if not resp.startswith(b"+"):
-                raise poplib.error_proto(resp)
-            f = self.pop.file
-            parts: list[bytes] = []
-            line = b""
-            while True:
-                chunk = f.readline(1 << 20)
-                if not chunk:
-                    raise EOFError("EOF in the middle of a message")
-                line += chunk
-                if not line.endswith(b"\n"):
-                    if len(line) > MAX_LINE:
-                        raise poplib.error_proto(b"-ERR line too long")
-                    continue
-                if line in (b".\r\n", b".\n"):
-                    return b"".join(parts)
-                parts.append(line[1:] if line.startswith(b".") else line)
-                line = b""
+            return self._answer(limit)
         return self._call(run)
 
+    def _answer(self, limit: int) -> bytes:
+        resp = self.pop._getresp()
+        if not resp.startswith(b"+"):
+            raise poplib.error_proto(resp)
+        return read_dotted(self.pop.file, limit)
+
     def retr(self, n: int) -> bytes:
-        return self.raw("RETR %d" % n)
+        return self.raw("RETR %d" % n, limit=1 << 62)  # (a message is as long as it is)
+
+    def retr_many(self, sizes: dict[int, int]) -> Iterator[tuple[int, bytes]]:
+        """(n, message) for each message number in `sizes` (n -> its LIST size), in that order.
+        With PIPELINING (RFC 2449) up to PIPELINE RETRs are in flight: no round trip per message.
+        A message much longer than its listed size is refused (a misbehaving server). Stopping
+        before the end leaves the connection out of step: it is closed, never reused."""
+        nums = list(sizes)
+        window = PIPELINE if "PIPELINING" in self.caps else 1
+        sent = 0
+        try:
+            for i, n in enumerate(nums):
+                if sent == i:
+                    more = nums[sent:sent + window]
+                    self._call(self.pop.sock.sendall, b"".join(b"RETR %d\r\n" % m for m in more))
+                    sent += len(more)
+                yield n, self._call(self._answer, 2 * sizes[n] + (1 << 20))
+        except BaseException:
+            self.close()
+            raise
 
     def dele(self, n: int) -> None:
         self._call(self.pop.dele, n)
@@ -220,8 +254,7 @@ def _download(acc: Account, s: Pop3Session, state: State, res: FolderResult, pro
         staged, rebinds, adopted, got = [], [], [], 0
         delivery = Delivery(mf)
         try:
-            for n in batch:
-                body = s.retr(n)
+            for n, body in s.retr_many({n: sizes.get(n, 0) for n in batch}):
                 limiter.take(len(body))
                 sha = hashlib.sha256(body).hexdigest()
                 if orphans.get(sha) and n not in refetch:

@@ -77,6 +77,16 @@ def test_byte_exact_download_and_incremental_rerun(pu):
     assert run(pu)["totals"]["new"] == 1
 
 
+def test_many_messages_in_flight_arrive_byte_exact(pu):
+    """More messages than RETRs are sent ahead (PIPELINING), with lines a POP3 server must
+    dot-stuff ('.', '..', '.x'): every one stored exactly as it is."""
+    bodies = [".\r\n..\r\n.x .{}\r\n.", "end", "\r\n.\r\n"]
+    msgs = [msg(i, body=bodies[i % 3].format("y" * (i * 37 % 3000))) for i in range(3 * 64 + 5)]
+    pu.server.seed(pu.name, "INBOX", msgs)
+    assert run(pu)["totals"]["new"] == len(msgs)
+    assert sorted(local_files(pu.maildir).values()) == sorted(msgs)
+
+
 def pop3_rows(u) -> dict[str, str]:
     """The POP3 state: file key -> SHA-256 recorded for it."""
     db = sqlite3.connect(u.maildir / ".mailsync.db")

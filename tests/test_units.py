@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import io
 import os
 import re
 import stat
@@ -799,3 +800,65 @@ def test_holds_just_agrees_with_the_listing(tmp_path_factory, files, change):
     made = {(sub, key + info) for sub, key, info in files}
     doubled = len(made) > len({key for _, key, _ in files})  # a message with two files
     assert mf.holds_just(expected) == (mf.listing() == expected and not doubled)
+
+
+def test_new_keys_are_unique_in_a_process_and_across_a_fork():
+    """Two deliveries never get one file name, even from a forked worker (a pool's processes):
+    and every key is one that recovery recognises as ours in tmp/."""
+    from mailsync.maildir import _OUR_TMP, new_key
+    keys = {new_key() for _ in range(2000)}
+    assert len(keys) == 2000 and all(_OUR_TMP.match(k) for k in keys)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child's keys carry its pid and draws its own random bits
+        os.write(w, "\n".join(new_key() for _ in range(200)).encode())
+        os._exit(0)
+    os.close(w)
+    with os.fdopen(r) as f:
+        child = f.read().split("\n")
+    os.waitpid(pid, 0)
+    parent = [new_key() for _ in range(200)]
+    assert len(set(child)) == 200 and not set(child) & set(parent)
+    assert {k.split("P")[1].split("Q")[0] for k in child} == {str(pid)}
+    tail = {k.split("R")[1].split(".")[0] for k in child}  # the random parts differ from the parent's
+    assert not tail & {k.split("R")[1].split(".")[0] for k in parent}
+
+
+class _Trickle(io.RawIOBase):
+    """A socket's reads: the bytes in pieces of the given sizes."""
+
+    def __init__(self, data: bytes, pieces: list[int]) -> None:
+        self.data, self.pieces, self.pos = data, pieces, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        n = min(len(b), self.pieces.pop(0) if self.pieces else len(b), len(self.data) - self.pos)
+        b[:n] = self.data[self.pos:self.pos + n]
+        self.pos += n
+        return n
+
+
+@settings(max_examples=300, deadline=None)
+@given(lines=st.lists(st.sampled_from([b".", b"..", b".x", b"x.", b"", b"a\r", b"\r", b"From x", b". ."]), max_size=8),
+       lf=st.booleans(), pieces=st.lists(st.integers(1, 7), max_size=40), buf=st.sampled_from([1, 3, 8192]))
+def test_pop3_answers_read_byte_exact_and_never_past_their_end(lines, lf, pieces, buf):
+    """A POP3 message comes back exactly as the server holds it, whatever the line starts and
+    however the bytes arrive, and the pipelined answer after it is left for the next read."""
+    from mailsync.pop3 import read_dotted
+    eol = b"\n" if lf else b"\r\n"
+    body = b"".join(line + eol for line in lines)
+    wire = b"".join((b"." + line if line.startswith(b".") else line) + eol for line in lines) + b"." + eol
+    f = io.BufferedReader(_Trickle(wire + b"+OK next\r\n", pieces), buffer_size=buf)
+    assert read_dotted(f, 1 << 20) == body
+    assert f.read() == b"+OK next\r\n"
+
+
+def test_pop3_answer_that_never_ends_is_refused():
+    import poplib
+
+    from mailsync.pop3 import read_dotted
+    f = io.BufferedReader(_Trickle(b"x" * 100_000, []), buffer_size=4096)
+    with pytest.raises(poplib.error_proto, match="longer than"):
+        read_dotted(f, 50_000)
