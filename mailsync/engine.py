@@ -27,6 +27,7 @@ from mailsync.runner import Pool, Stopped, fan_out, with_session
 from mailsync.state import RunLock, State
 
 log = logging.getLogger("mailsync.engine")
+DEFERRED_STAMPS = 64  # folders whose stamp waits for the end of the run (_FolderRunner.defer)
 
 Progress = Callable[[str, dict], None]
 
@@ -117,8 +118,9 @@ def run(acc: Account, password: str, *, mode: str, progress: Progress = _quiet,
     with RunLock(root):
         state = State(root)
         try:
+            t0 = time.monotonic()
             session = connect()
-            pool = Pool(connect, acc.connections, session)
+            pool = Pool(connect, acc.connections, session, grace=time.monotonic() - t0)
             try:
                 _run(acc, state, pool, session, result, progress, mode, opts)
             finally:
@@ -156,8 +158,12 @@ def _run(acc: Account, state: State, pool: Pool, session: ImapSession, result: R
     runner = _FolderRunner(acc, state, pool, progress, mode, opts)
     order = [f.name for f in work]
     skipped, work = _skip_unchanged(acc, state, session, work, paths, progress, opts)
-    results = fan_out(work, lambda f: runner(f, paths[f.name]), acc.connections, runner.stop,
-                      on_interrupt=runner.interrupt)
+    try:
+        results = fan_out(work, lambda f: runner(f, paths[f.name]), acc.connections, runner.stop,
+                          on_interrupt=runner.interrupt)
+        runner.finish_stamps(record=True)
+    finally:
+        runner.finish_stamps(record=False)  # (interrupted: the watches closed, no stamp)
     by_name = {r.name: r for r in skipped + results}
     result.folders.extend(by_name[n] for n in order if n in by_name)
     if runner.fatal is not None:
@@ -198,6 +204,30 @@ class _FolderRunner:
         self.interrupted = False       # Ctrl-C
         self.fatal: MailsyncError | None = None  # the first error that stops the run (storage, login): raised
         self._lock = threading.Lock()
+        self.deferred: list[FolderJob] = []  # fast-path folders whose stamp is taken at the end (defer)
+
+    def defer(self, job: FolderJob) -> bool:
+        """Take job's stamp at the end of the run (finish_stamps), unless DEFERRED_STAMPS wait
+        already: each holds an inotify instance, and the system allows a user 128."""
+        with self._lock:
+            if len(self.deferred) >= DEFERRED_STAMPS:
+                return False
+            self.deferred.append(job)
+            return True
+
+    def finish_stamps(self, record: bool) -> None:
+        """Record the deferred stamps: one wait for the last folder changed (20 ms at most), where
+        each folder used to wait in turn. A stamp is only a shortcut: if one cannot be taken, the
+        next run lists that folder."""
+        jobs, self.deferred = self.deferred, []
+        for job in jobs:
+            try:
+                if record:
+                    job.finish_stamp()
+            except (MailsyncError, OSError, sqlite3.Error) as exc:
+                log.info("%s: no stamp recorded: %s", job.info.name, exc)
+            finally:
+                job.drop_watch()
 
     def _stop_run(self, exc: MailsyncError) -> None:
         self.stop.set()
@@ -215,6 +245,7 @@ class _FolderRunner:
 
         def work(session: ImapSession) -> None:
             job = FolderJob(self.acc, self.state, session, info, path, res, self.progress, self.stop, self.opts)
+            job.defer_stamp = self.defer
             {"sync": job.sync, "mirror": job.mirror}.get(self.mode, job.backup)()
 
         def on_retry(err: SessionError, delay: int) -> None:

@@ -103,6 +103,9 @@ class FolderJob:
         self.hint_sizes: dict[int, int] = {}                    # UID -> size, of messages hint_pairs paired
         self.watch: DirWatch | None = None                      # the fast path's (fast_read)
         self.diverged = False  # a file's flags may differ from the state's: record no stamp
+        # the run's collector of fast-path folders whose stamp is taken at its end (engine); it
+        # says no when it holds enough, and the stamp is then taken here
+        self.defer_stamp: Callable[[FolderJob], bool] | None = None
 
     # -- common steps -------------------------------------------------------------------
 
@@ -292,6 +295,16 @@ class FolderJob:
             self.known_keys = self.state.keys(fid)
         self.before = dict(self.on_disk)
         return True
+
+    def finish_stamp(self) -> None:
+        """The stamp save_counters deferred, recorded if cur/ and new/ are in step."""
+        stamp = self.stamp_in_step()
+        if stamp is not None:
+            self.state.set_local_stamp(self.fid, stamp)
+
+    def drop_watch(self) -> None:
+        if self.watch is not None:
+            self.watch.close()
 
     def watched_stamp(self) -> str | None:
         """The fast path's new stamp: local_stamp once settled, if new/ and cur/ changed meanwhile
@@ -487,7 +500,12 @@ class FolderJob:
                                "no local file was deleted")
         elif res.renumbered:
             res.notices.append(f"the server gave {res.renumbered} messages new UIDs: matched again, not downloaded")
-        stamp = self.stamp_in_step()  # (may wait up to 20 ms: not inside the transaction)
+        # (may wait up to 20 ms: not inside the transaction). A folder the fast path changed has its
+        # stamp taken at the end of the run instead (finish_stamp), so its wait overlaps the other
+        # folders' work; till then it has none, as after a kill
+        deferred = (self.watch is not None and not self.diverged and self.defer_stamp is not None
+                    and self.defer_stamp(self))
+        stamp = None if deferred else self.stamp_in_step()
         with self.state.transaction() as tx:
             if not self.same_validity:
                 tx.mark_old_gone(self.fid, self.validity)

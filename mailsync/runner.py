@@ -31,6 +31,7 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 MAX_DELAY = 30
+MAX_GRACE = 2.0  # seconds a worker waits for a busy session before opening another (Pool)
 
 
 class Stopped(Exception):
@@ -50,33 +51,44 @@ def backoff(attempt: int) -> int:
 
 class Pool:
     """Logged-in sessions shared by the folder workers; at most `size` are opened. If another one
-    cannot be opened (e.g. a provider's connection limit), the workers share those already open."""
+    cannot be opened (e.g. a provider's connection limit), the workers share those already open.
 
-    def __init__(self, connect: Callable[[], Session], size: int, first: Session | None = None) -> None:
-        self._connect, self.size = connect, size
+    `grace`: a worker that finds every session busy opens another only once none came back for
+    this long (the caller passes what opening one took). Folders that take less than a login
+    each (flag changes, a few new messages) then share one connection instead of paying for
+    more; a long backup has its connections a moment later."""
+
+    def __init__(self, connect: Callable[[], Session], size: int, first: Session | None = None,
+                 grace: float = 0.0) -> None:
+        self._connect, self.size, self.grace = connect, size, min(grace, MAX_GRACE)
         self._free: queue.SimpleQueue = queue.SimpleQueue()
         self._all: list[Session] = []
         self._opened = 0
         self._lock = threading.Lock()
+        self._given = time.monotonic()  # when a session last came back (give)
         if first is not None:
             self._free.put(first)
             self._all.append(first)
             self._opened = 1
 
     def take(self) -> Session:
+        waited = self.grace <= 0
+        since = time.monotonic()  # (sessions coming back before this worker asked do not count)
         while True:
             got = None
             with self._lock:
                 try:
                     got = self._free.get_nowait()
                 except queue.Empty:
-                    open_new = self._opened < self.size
+                    open_new = self._opened < self.size and (waited or self._opened == 0)
                     if open_new:
                         self._opened += 1
             if got is None and not open_new:
+                quiet = time.monotonic() - max(self._given, since)  # (no session came back for this long)
                 try:
-                    got = self._free.get(timeout=0.5)
+                    got = self._free.get(timeout=0.5 if waited else max(self.grace - quiet, 0.001))
                 except queue.Empty:
+                    waited = waited or time.monotonic() - max(self._given, since) >= self.grace
                     continue  # a session may have been dropped meanwhile: maybe open one
             if got is not None:
                 if not got.broken and not _token_ends(got):
@@ -105,6 +117,7 @@ class Pool:
         if s.broken:  # a reply was cut or could not be read: never reuse it
             self.drop(s)
         else:
+            self._given = time.monotonic()
             self._free.put(s)
 
     def drop(self, s: Session) -> None:

@@ -223,6 +223,31 @@ def test_a_mail_reader_change_during_a_fast_run_is_seen_by_the_next_run(backed_u
     check_backup_matches_server(user)
 
 
+def test_a_mail_reader_change_before_the_end_of_the_run_is_seen_by_the_next_run(backed_up, monkeypatch):
+    """A folder the fast path changed has its stamp taken at the end of the run, after the other
+    folders' work: a reader's change meanwhile is among the watched events, so no stamp."""
+    from mailsync.folderjob import FolderJob
+    user = backed_up
+    victim = file_of(user, msg(40))
+    real = FolderJob.finish_stamp
+
+    def reader_then_stamp(self):
+        if self.info.name == "INBOX" and victim.exists():
+            victim.unlink()  # after INBOX's work and its counters, before its stamp
+        return real(self)
+    monkeypatch.setattr(FolderJob, "finish_stamp", reader_then_stamp)
+    set_server_flags(user, "INBOX", [7], [b"\\Flagged"])
+    spy = Spy(monkeypatch)
+    res = run(user, spy)
+    assert res["INBOX"].flags_changed == 1 and not spy.calls.get("scan"), spy.calls  # the fast path
+    assert stamps(user)["INBOX"] is None
+    monkeypatch.setattr(FolderJob, "finish_stamp", real)
+    res = run(user, spy)
+    assert spy.calls.get("scan") and res["INBOX"].refetched == 1
+    assert stamps(user)["INBOX"]  # (and this run's stamp, taken at its end, is recorded)
+    check_backup_matches_server(user)
+
+
 def test_a_mail_reader_change_right_after_a_run_is_seen_by_the_next_run(backed_up, monkeypatch):
     """The stamp a run records is taken once cur/ and new/ have settled (folderjob.local_stamp),
     so a change made the moment the run ends still moves their mtime past it."""

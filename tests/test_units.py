@@ -862,3 +862,51 @@ def test_pop3_answer_that_never_ends_is_refused():
     f = io.BufferedReader(_Trickle(b"x" * 100_000, []), buffer_size=4096)
     with pytest.raises(poplib.error_proto, match="longer than"):
         read_dotted(f, 50_000)
+
+
+class _FakeSession:
+    broken = False
+
+    def close(self) -> None:
+        pass
+
+
+def test_pool_shares_one_connection_while_folders_are_quick():
+    """Folders that each take less than a login share the first connection: a run where little
+    changed opens no others, however many are allowed."""
+    import threading
+    import time
+
+    from mailsync.runner import Pool, fan_out, with_session
+    opened = []
+    pool = Pool(lambda: opened.append(1) or _FakeSession(), 3, _FakeSession(), grace=5.0)
+
+    def work(i):
+        time.sleep(0.005)  # a quick folder (the grace is 5 s)
+        return i
+    done = fan_out(range(20), lambda i: with_session(pool, lambda s: work(i), retries=0, stop=threading.Event()),
+                   3, threading.Event())
+    assert done == list(range(20)) and opened == []
+
+
+def test_pool_opens_its_connections_when_folders_are_slow():
+    """While every connection stays busy past the grace, the others are opened (up to the limit)."""
+    import threading
+
+    from mailsync.runner import Pool, fan_out, with_session
+    opened, all_open = [], threading.Event()
+
+    def connect():
+        opened.append(1)
+        if len(opened) == 2:
+            all_open.set()
+        return _FakeSession()
+
+    def work(s):
+        assert all_open.wait(10), "the pool did not open its other connections"
+        return s
+
+    pool = Pool(connect, 3, _FakeSession(), grace=0.05)
+    sessions = fan_out(range(3), lambda i: with_session(pool, work, retries=0, stop=threading.Event()),
+                       3, threading.Event())
+    assert len(opened) == 2 and len({id(s) for s in sessions}) == 3
