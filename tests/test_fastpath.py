@@ -200,52 +200,40 @@ def test_a_mail_reader_change_between_runs_takes_the_full_path_and_is_kept(backe
     assert res["INBOX"].flags_changed == 1 and not spy.calls.get("scan") and spy.records_of == {11}, spy.calls
 
 
-def test_a_mail_reader_change_during_a_fast_run_is_seen_by_the_next_run(backed_up, monkeypatch):
-    """The run's own renames move cur/'s mtime, so they would hide a reader's change made
-    meanwhile: the watched events show it, no stamp is recorded and the next run lists."""
-    user = backed_up
+def reader_change_during_a_fast_run(user, monkeypatch, owner, name: str) -> None:
+    """A mail reader deletes a file when the run calls owner.name (for INBOX): the fast run
+    records no stamp for INBOX, and the next run lists it and fetches the message again."""
     victim = file_of(user, msg(40))
-    real = MaildirFolder.retag
+    real = getattr(owner, name)
 
-    def retag_and_reader(self, *a, **kw):
-        if victim.exists():
-            victim.unlink()  # a mail reader deletes a file while the run renames another
+    def reader_then(self, *a, **kw):
+        if victim.exists() and getattr(getattr(self, "info", None), "name", "INBOX") == "INBOX":
+            victim.unlink()
         return real(self, *a, **kw)
-    monkeypatch.setattr(MaildirFolder, "retag", retag_and_reader)
+    monkeypatch.setattr(owner, name, reader_then)
     set_server_flags(user, "INBOX", [7], [b"\\Flagged"])
     spy = Spy(monkeypatch)
     res = run(user, spy)
     assert res["INBOX"].flags_changed == 1 and not spy.calls.get("scan"), spy.calls  # the fast path
     assert stamps(user)["INBOX"] is None
-    monkeypatch.setattr(MaildirFolder, "retag", real)
+    monkeypatch.setattr(owner, name, real)
     res = run(user, spy)
     assert spy.calls.get("scan") and res["INBOX"].refetched == 1
+    assert stamps(user)["INBOX"]  # (and this run's stamp is recorded)
     check_backup_matches_server(user)
+
+
+def test_a_mail_reader_change_during_a_fast_run_is_seen_by_the_next_run(backed_up, monkeypatch):
+    """The run's own renames move cur/'s mtime, so they would hide a reader's change made
+    meanwhile (here while it renames another file): the watched events show it."""
+    reader_change_during_a_fast_run(backed_up, monkeypatch, MaildirFolder, "retag")
 
 
 def test_a_mail_reader_change_before_the_end_of_the_run_is_seen_by_the_next_run(backed_up, monkeypatch):
     """A folder the fast path changed has its stamp taken at the end of the run, after the other
-    folders' work: a reader's change meanwhile is among the watched events, so no stamp."""
+    folders' work: a reader's change after its counters were saved is among the watched events."""
     from mailsync.folderjob import FolderJob
-    user = backed_up
-    victim = file_of(user, msg(40))
-    real = FolderJob.finish_stamp
-
-    def reader_then_stamp(self):
-        if self.info.name == "INBOX" and victim.exists():
-            victim.unlink()  # after INBOX's work and its counters, before its stamp
-        return real(self)
-    monkeypatch.setattr(FolderJob, "finish_stamp", reader_then_stamp)
-    set_server_flags(user, "INBOX", [7], [b"\\Flagged"])
-    spy = Spy(monkeypatch)
-    res = run(user, spy)
-    assert res["INBOX"].flags_changed == 1 and not spy.calls.get("scan"), spy.calls  # the fast path
-    assert stamps(user)["INBOX"] is None
-    monkeypatch.setattr(FolderJob, "finish_stamp", real)
-    res = run(user, spy)
-    assert spy.calls.get("scan") and res["INBOX"].refetched == 1
-    assert stamps(user)["INBOX"]  # (and this run's stamp, taken at its end, is recorded)
-    check_backup_matches_server(user)
+    reader_change_during_a_fast_run(backed_up, monkeypatch, FolderJob, "finish_stamp")
 
 
 def test_a_mail_reader_change_right_after_a_run_is_seen_by_the_next_run(backed_up, monkeypatch):
