@@ -889,10 +889,12 @@ def test_pool_shares_one_connection_while_folders_are_quick():
     assert done == list(range(20)) and opened == []
 
 
-def test_pool_opens_its_connections_when_folders_are_slow():
-    """While every connection stays busy past the grace, the others are opened (up to the limit)."""
+def test_pool_opens_its_connections_when_folders_are_slow(monkeypatch):
+    """While every connection stays busy past the grace, and the process mostly waits, the others
+    are opened (up to the limit)."""
     import threading
 
+    from mailsync import runner
     from mailsync.runner import Pool, fan_out, with_session
     opened, all_open = [], threading.Event()
 
@@ -906,7 +908,27 @@ def test_pool_opens_its_connections_when_folders_are_slow():
         assert all_open.wait(10), "the pool did not open its other connections"
         return s
 
+    monkeypatch.setattr(runner, "_cpu_seconds", lambda: 0.0)  # the process waits (for the network)
     pool = Pool(connect, 3, _FakeSession(), grace=0.05)
     sessions = fan_out(range(3), lambda i: with_session(pool, work, retries=0, stop=threading.Event()),
                        3, threading.Event())
     assert len(opened) == 2 and len({id(s) for s in sessions}) == 3
+
+
+def test_pool_opens_no_more_connections_while_python_is_busy(monkeypatch):
+    """Folders that keep this process's CPU busy (a server nearby) stay on the connections
+    open: another thread would only wait its turn for the interpreter."""
+    import threading
+    import time
+
+    from mailsync import runner
+    monkeypatch.setattr(runner, "_cpu_seconds", time.monotonic)  # as if one core were kept busy
+    opened = []
+
+    def work(i):
+        time.sleep(0.4)  # (longer than the grace and the CPU sample)
+        return i
+    pool = runner.Pool(lambda: opened.append(1) or _FakeSession(), 3, _FakeSession(), grace=0.05)
+    done = runner.fan_out(range(2), lambda i: runner.with_session(pool, lambda s: work(i), retries=0,
+                                                                  stop=threading.Event()), 2, threading.Event())
+    assert done == [0, 1] and opened == []
