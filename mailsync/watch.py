@@ -270,6 +270,7 @@ class Watcher:
             except _Relogin:
                 log.debug("%s: the login token is about to end; logging in again", label)
             except (MailsyncError, OSError) as exc:
+                session = _drop(session)  # (no LOGOUT in the middle of an IDLE: it may never be answered)
                 if self.stop.is_set():
                     break
                 attempt += 1
@@ -278,6 +279,7 @@ class Watcher:
                          folder=folder or ALL, error_text=str(exc), retry_in=wait)
                 self.stop.wait(wait)
             except Exception as exc:  # a listener must not end the watch silently
+                session = _drop(session)
                 log.exception("listener for %s", folder or ALL)
                 attempt += 1
                 self.say("disconnected", acc.name, f"{folder or ALL}: {type(exc).__name__}: {exc}", error=True,
@@ -304,7 +306,7 @@ class Watcher:
                     with contextlib.suppress(Exception):
                         _call(session, client.idle_done)
                     raise _Relogin
-                answers = _call(session, _idle_check, client, min(IDLE_TICK, left))
+                answers = _call(session, _idle_check, client, min(IDLE_TICK, left), a.acc.timeout)
                 if answers:
                     log.debug("%s: %s", label, answers)
                 for why in _changes(answers, label, a.acc.folders):
@@ -322,6 +324,13 @@ class Watcher:
             t.join(max(0.0, deadline - time.monotonic()))
 
 
+def _drop(session) -> None:
+    """Close a listener's connection at once, without a word to the server."""
+    if session is not None:
+        with contextlib.suppress(Exception):
+            session.client.shutdown()
+
+
 def _select(session, folder: str) -> None:
     from mailsync import utf7
     session.client.folder_encode = False
@@ -333,31 +342,48 @@ def _call(session, fn, *args, **kw):
     return session._call(fn, *args, **kw)
 
 
-def _idle_check(client, timeout: float) -> list:
-    """imapclient's idle_check, except that the end of the connection is an error (theirs returns
-    no answers, as if the server had been quiet: a watch would then wait on a dead connection),
-    and so is a BYE (the server is going away)."""
+def _idle_check(client, timeout: float, line_timeout: float = 60.0) -> list:
+    """The server's answers during IDLE, waiting up to `timeout` for the first. Unlike
+    imapclient's idle_check, the end of the connection is an error (theirs returns no answers,
+    as if the server had been quiet: a watch would then wait on a dead connection), and so is a
+    BYE (the server is going away).
+
+    Lines are read whole, on the blocking socket (up to line_timeout for the rest of a line that
+    began): a readline on a non-blocking socket drops what it had read of a line when the next
+    piece has not come yet (Python's buffered reader discards it with the exception), and the
+    rest of that line then reads as garbage. Whether more has come is asked with a peek, which
+    consumes nothing."""
     from imapclient.imapclient import _parse_untagged_response
     sock = client.socket()
-    sock.settimeout(None)
-    sock.setblocking(False)
+    answers: list = []
     try:
-        answers = []
-        if select.select([sock], [], [], timeout)[0]:
-            while True:
-                try:
-                    line = client._imap._get_line()
-                except (TimeoutError, BlockingIOError, ssl.SSLWantReadError):
-                    break  # all that had come is read
-                except (imaplib.IMAP4.abort, EOFError) as exc:
-                    raise ConnectionLost(f"the server closed the connection ({exc})") from None
-                answers.append(_parse_untagged_response(line))
-                if answers[-1] and answers[-1][0] == b"BYE":
-                    raise ConnectionLost(f"the server ended the session: {line.decode('utf-8', 'replace')}")
+        if not _more(client, sock) and not select.select([sock], [], [], timeout)[0]:
+            return answers
+        while True:
+            sock.settimeout(line_timeout)
+            try:
+                line = client._imap._get_line()
+            except (imaplib.IMAP4.abort, EOFError) as exc:
+                raise ConnectionLost(f"the server closed the connection ({exc})") from None
+            answers.append(_parse_untagged_response(line))
+            if answers[-1] and answers[-1][0] == b"BYE":
+                raise ConnectionLost(f"the server ended the session: {line.decode('utf-8', 'replace')}")
+            if not _more(client, sock):
+                break
         return answers
     finally:
-        sock.setblocking(True)
         client._set_read_timeout()
+
+
+def _more(client, sock) -> bool:
+    """Bytes of the server's are waiting, read or not (a non-blocking peek: consumes nothing)."""
+    sock.setblocking(False)
+    try:
+        return bool(client._imap.file.peek(1))
+    except (BlockingIOError, ssl.SSLWantReadError, TimeoutError):
+        return False
+    finally:
+        sock.setblocking(True)
 
 
 def _notify(session) -> None:

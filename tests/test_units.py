@@ -932,3 +932,42 @@ def test_pool_opens_no_more_connections_while_python_is_busy(monkeypatch):
     done = runner.fan_out(range(2), lambda i: runner.with_session(pool, lambda s: work(i), retries=0,
                                                                   stop=threading.Event()), 2, threading.Event())
     assert done == [0, 1] and opened == []
+
+
+def test_idle_answers_split_across_reads_are_read_whole():
+    """A server's answer during IDLE that arrives in pieces (a STATUS line cut between two TLS
+    records) is read whole, not as a lost start and a garbled rest; what is left unread stays
+    for the next look. The watch had stopped listening on such a line."""
+    import socket
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from mailsync.watch import _idle_check
+    ours, server = socket.socketpair()
+    f = ours.makefile("rb")
+
+    def get_line():
+        line = f.readline()
+        if not line.endswith(b"\r\n"):
+            raise EOFError(f"unterminated line: {line!r}")
+        return line[:-2]
+    client = SimpleNamespace(socket=lambda: ours, _imap=SimpleNamespace(file=f, _get_line=get_line),
+                             _set_read_timeout=lambda: ours.settimeout(None))
+
+    def send():
+        server.sendall(b"* 3 EXISTS\r\n* STATUS INBOX (MESS")
+        time.sleep(0.3)
+        server.sendall(b"AGES 5)\r\n")
+    t = threading.Thread(target=send)
+    t.start()
+    answers = _idle_check(client, 5.0, line_timeout=5.0)
+    t.join()
+    assert answers == [(3, b"EXISTS"), (b"STATUS", b"INBOX", (b"MESSAGES", 5))]
+    assert _idle_check(client, 0.05) == []
+    server.sendall(b"* 4 EXISTS\r\n")
+    assert _idle_check(client, 5.0) == [(4, b"EXISTS")]
+    server.close()
+    with pytest.raises(Exception, match="closed the connection"):
+        _idle_check(client, 5.0)
+    ours.close()
