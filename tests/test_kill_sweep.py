@@ -346,7 +346,10 @@ def test_pop3_killed_at_22_points(user, tmp_path):
     msgs = [msg(i, BODY) for i in range(30)]
     user.server.seed(user.name, "INBOX", msgs)
     with Launcher() as launch:
-        want, _server, results = download_sweep(launch, user, tmp_path, POP3_POINTS, 'protocol = "pop3"',
+        # (at 1.5 MB/s: the pipelined download of 360 kB would otherwise end within milliseconds
+        # of its last files, before a kill "at file 24" can land)
+        want, _server, results = download_sweep(launch, user, tmp_path, POP3_POINTS,
+                                                'protocol = "pop3"\nmax_bytes_per_second = 1500000',
                                                 user.server.pop3s_port)
     assert want == {".": sorted((sha(m), "new", ()) for m in msgs)}, "the uninterrupted download is not exact"
     check_outcomes(results)
