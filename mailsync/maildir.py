@@ -324,42 +324,32 @@ class MaildirFolder:
                 break
         return found
 
-    def listing(self) -> dict[str, tuple[str, str]]:
-        """One listing of new/ then cur/: key -> (subdir, file name), cur wins."""
-        found: dict[str, tuple[str, str]] = {}
+    def _entries(self):
+        """(key, subdir, file name) of every message file, new/ first, as the directories are read."""
         for sub in ("new", "cur"):
             try:
-                with os.scandir(self.path / sub) as it:
+                with os.scandir(f"{self._dir}/{sub}") as it:
                     for entry in it:
-                        if entry.name.startswith("."):
-                            continue
-                        key, _ = split_name(entry.name)
-                        found[key] = (sub, entry.name)
+                        if not entry.name.startswith("."):
+                            yield split_name(entry.name)[0], sub, entry.name
             except FileNotFoundError:
                 continue
             except OSError as exc:
                 raise storage_error(exc, f"cannot read {self.path / sub}") from None
-        return found
+
+    def listing(self) -> dict[str, tuple[str, str]]:
+        """One listing of new/ then cur/: key -> (subdir, file name), cur wins."""
+        return {key: (sub, name) for key, sub, name in self._entries()}
 
     def holds_just(self, expected: dict[str, tuple[str, str]]) -> bool:
         """new/ and cur/ hold exactly `expected` (key -> (subdir, file name)): listing() ==
         expected, compared as the directories are read, without building the listing (a large
         folder's would be as big as `expected`). A message with two files counts as different."""
         seen = 0
-        for sub in ("new", "cur"):
-            try:
-                with os.scandir(f"{self._dir}/{sub}") as it:
-                    for entry in it:
-                        name = entry.name
-                        if name.startswith("."):
-                            continue
-                        if expected.get(split_name(name)[0]) != (sub, name):
-                            return False
-                        seen += 1
-            except FileNotFoundError:
-                continue
-            except OSError as exc:
-                raise storage_error(exc, f"cannot read {self.path / sub}") from None
+        for key, sub, name in self._entries():
+            if expected.get(key) != (sub, name):
+                return False
+            seen += 1
         return seen == len(expected)
 
     def _dir_stamps(self) -> tuple:

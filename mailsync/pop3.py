@@ -29,7 +29,7 @@ from mailsync.runner import Fresh, Stopped, with_session
 from mailsync.state import RunLock, State
 
 Progress = Callable[[str, dict], None]
-MAX_LINE = 64 * 1024 * 1024  # a multi-line answer (TOP) longer than this is refused as hostile
+MAX_ANSWER = 64 * 1024 * 1024  # a multi-line answer (TOP) longer than this is refused as hostile
 PIPELINE = 64                # RETRs in flight, where the server offers PIPELINING
 _END = re.compile(rb"\n\.\r?\n")  # the terminating line "." (dot-stuffing keeps it out of bodies)
 
@@ -117,7 +117,7 @@ class Pop3Session:
             out[int(num)] = uid.strip()
         return out, True
 
-    def raw(self, command: str, limit: int = MAX_LINE) -> bytes:
+    def raw(self, command: str, limit: int = MAX_ANSWER) -> bytes:
         """A multi-line command's body exactly as sent, with only the dot-stuffing undone."""
         def run():
             self.pop._putcmd(command)
