@@ -387,8 +387,8 @@ class FolderJob:
             if ident.content != ident.sha256:
                 by_hash.setdefault(ident.content, []).append((None, rec))
         # (a view, not a copy: a folder's first backup has a size per message)
-        sizes = ChainMap({uid: self.known[uid].size if uid in self.known else 0
-                          for uid in refetch if uid not in self.new_full}, self.new_full)
+        again = {uid: self.known[uid].size if uid in self.known else 0 for uid in refetch if uid not in self.new_full}
+        sizes = ChainMap(again, self.new_full) if again else self.new_full  # (a ChainMap's lookups are slow)
         self.progress("folder_start", {"folder": self.info.name, "messages": len(todo),
                                        "bytes": sum(sizes.get(u, 0) for u in todo)})
         unanswered: list[int] = []

@@ -135,6 +135,60 @@ def test_any_bytes_and_flags_round_trip(msgs):
     assert [fetch.flag_list(g.items[b"FLAGS"]) for g in got] == [tuple(f.encode() for f in fl) for _, fl in msgs]
 
 
+def _typed(value):
+    """A parsed value with its types spelled out (a quoted "5" is not the number 5)."""
+    if isinstance(value, list):
+        return [_typed(v) for v in value]
+    return (type(value).__name__, value if isinstance(value, (bytes, type(None))) else id(value))
+
+
+_atom = st.sampled_from([b"\\Seen", b"\\Flagged", b"$Label1", b"Junk", b"NIL", b"a]b", b"x{1}", b"\\", b"%"])
+_value = st.one_of(
+    st.integers(0, 10**12).map(lambda n: b"%d" % n),
+    st.lists(_atom, max_size=3).map(lambda a: b"(" + b" ".join(a) + b")"),
+    st.text(st.sampled_from('ab 0-:+"\\()'), max_size=8).map(lambda t: b'"' + t.encode() + b'"'),
+    _atom, st.just(b"((x))"), st.just(b"()"),
+)
+_key = st.sampled_from([b"UID", b"uid", b"FLAGS", b"INTERNALDATE", b"RFC822.SIZE", b"MODSEQ", b"RFC822",
+                        b"BODY[]", b"X-GM-LABELS", b"BODY[HEADER]"])
+_gap = st.sampled_from([b" ", b" ", b" ", b"  ", b"\t", b""])
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.tuples(_key, _gap, _value), max_size=4), st.lists(st.tuples(_key, _gap, _value), max_size=3),
+       st.booleans(), st.sampled_from([b"", b" ", b"  ", b"x", b")"]))
+def test_the_fast_reading_of_common_responses_agrees_with_the_tokenizer(before, after, body, tail):
+    """fetch._simple (the fast path for the usual shape) reads a response exactly as the general
+    tokenizer does (values, their types, the BODY[] literal), or leaves it to the tokenizer."""
+    def items(pairs):
+        return b" ".join(k + g + v for k, g, v in pairs)
+    if body:
+        head = b"(" + items(before) + (b" " if before else b"") + b"BODY[] "
+        parts = [head, fetch._Lit(fetch.MemoryBody(0)), (b" " + items(after) if after else b"") + b")" + tail]
+    else:
+        parts = [b"(" + items(before) + b")" + tail]
+    fast = fetch._simple(parts[0], parts)
+    try:
+        slow = fetch._parsed(parts, "server:993")
+    except fetch.ProtocolError:
+        assert fast is None
+        return
+    if fast is not None:
+        assert {k: _typed(v) for k, v in fast.items()} == {k: _typed(v) for k, v in slow.items()}
+        assert list(fast) == list(slow)
+
+
+def test_a_download_and_a_listing_take_the_fast_reading():
+    """The responses Dovecot sends for a listing and for a download are read by the fast path."""
+    listing = [b"(UID 7 RFC822.SIZE 1234 FLAGS (\\Seen $Forwarded) MODSEQ (99))"]
+    body = fetch.MemoryBody(0)
+    download = [b'(UID 7 FLAGS () INTERNALDATE "17-Jul-1996 02:44:25 -0700" BODY[] ', fetch._Lit(body), b")"]
+    assert fetch._simple(listing[0], listing) == {b"UID": b"7", b"RFC822.SIZE": b"1234",
+                                                   b"FLAGS": [b"\\Seen", b"$Forwarded"], b"MODSEQ": [b"99"]}
+    got = fetch._simple(download[0], download)
+    assert got[b"BODY[]"] is body and isinstance(got[b"INTERNALDATE"], fetch._Quoted) and got[b"FLAGS"] == []
+
+
 def test_a_50_mb_message_is_backed_up_byte_exact_with_bounded_memory(user):
     """The body is streamed into tmp/: peak memory stays far below the message size."""
     body = b"".join(b"%07d " % i + b"y" * 70 + b"\r\n" for i in range(50 * 1024 * 1024 // 80))
