@@ -40,11 +40,44 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
-from imapclient import IMAPClient
-from imapclient import imap4 as imapclient_imap4
-from imapclient import tls as imapclient_tls
 
-from mailsync.errors import (
+
+def _imapclient_version_module() -> None:
+    """Give imapclient its `version` module before it is imported. Its own asks importlib.metadata
+    for the installed version, which loads importlib.metadata, zipfile and email and reads
+    site-packages: about 25 ms of a 100 ms no-change run. The same version is read here from the
+    name of imapclient's .dist-info directory, one listing of the directory it is installed in;
+    if that does not find exactly one, imapclient's own module runs as usual."""
+    import importlib.util
+    import sys
+    import types
+
+    if "imapclient" in sys.modules:
+        return
+    spec = importlib.util.find_spec("imapclient")
+    if spec is None or not spec.submodule_search_locations:
+        return
+    where = os.path.dirname(list(spec.submodule_search_locations)[0])
+    try:
+        found = [n[len("imapclient-"):-len(".dist-info")] for n in os.listdir(where)
+                 if n.lower().startswith("imapclient-") and n.endswith(".dist-info")]
+    except OSError:
+        return
+    if len(found) != 1 or len(found[0].split(".")) != 3 or not all(p.isdigit() for p in found[0].split(".")):
+        return
+    module = types.ModuleType("imapclient.version")
+    module.version = found[0]
+    module.version_info = (*(int(p) for p in found[0].split(".")), "final")
+    sys.modules["imapclient.version"] = module
+
+
+_imapclient_version_module()
+
+from imapclient import IMAPClient  # noqa: E402
+from imapclient import imap4 as imapclient_imap4  # noqa: E402
+from imapclient import tls as imapclient_tls  # noqa: E402
+
+from mailsync.errors import (  # noqa: E402
     AuthError,
     ConfigError,
     ConnectError,

@@ -7,6 +7,8 @@ import io
 import os
 import re
 import stat
+import subprocess
+import sys
 import unicodedata
 from dataclasses import replace
 from pathlib import Path
@@ -971,3 +973,16 @@ def test_idle_answers_split_across_reads_are_read_whole():
     with pytest.raises(Exception, match="closed the connection"):
         _idle_check(client, 5.0)
     ours.close()
+
+
+def test_the_sync_path_imports_imapclient_without_importlib_metadata():
+    """login gives imapclient its version module (read from its .dist-info name) instead of the one
+    that loads importlib.metadata at every start; the version it reports is still the installed one."""
+    code = ("import sys, mailsync.command, mailsync.engine, imapclient\n"
+            "print('importlib.metadata' in sys.modules, imapclient.__version__, imapclient.version_info)\n"
+            "import importlib.metadata\n"
+            "print(importlib.metadata.version('imapclient'))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    loaded, version, info = out[0].split(" ", 2)
+    assert loaded == "False", "importlib.metadata is loaded at start-up again"
+    assert version == out[1] and info == repr((*(int(p) for p in out[1].split(".")), "final"))
