@@ -266,7 +266,12 @@ class FolderJob:
         self.validity, self.same_validity, self.old_validity = f["uidvalidity"], True, None
         old_next = f["uidnext"] or 1
         self.flags = dict(changed) if changed is not None else s.flags(old_next, f["highestmodseq"])
-        self.new_full = s.new_sizes(old_next, self.flags)
+        if not vanished and sel.get("uidnext") == old_next:
+            # no UID was given out since the last run (RFC 3501's UIDNEXT), so no listing of new
+            # mail: one round trip fewer per changed folder. The count check below still runs.
+            self.new_full = {}
+        else:
+            self.new_full = s.new_sizes(old_next, self.flags)
         self.exists = sel.get("exists", self.st.get("messages", 0))
         self.known = self.state.records_of(fid, self.validity, set(self.flags) | vanished)
         if vanished:
