@@ -19,6 +19,7 @@ handle it) ends with the same one line and exit 130, not a traceback."""
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from typing import TYPE_CHECKING
@@ -535,6 +536,14 @@ def run() -> None:
         sys.stderr.write("mailsync: interrupted\n")
         sys.stderr.flush()
         os._exit(130)
-    if fast is not None:
-        run_command(lambda: sync_command(**fast))
-    main()
+    try:
+        if fast is not None:
+            run_command(lambda: sync_command(**fast))
+        main()
+    finally:
+        # What is left is the interpreter's exit, whose last garbage collection walks every object
+        # of every module loaded: 13 ms of a 110 ms no-change sync. Frozen, they are skipped.
+        # Everything else still happens (atexit, logging's flush, files closed as modules are
+        # cleared); only objects in reference cycles are not finalized, and the kernel closes
+        # their descriptors.
+        gc.freeze()
