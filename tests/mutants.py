@@ -269,6 +269,11 @@ MUTANTS: list[Mutant] = [
       "mailsync/watch.py", "_idle_check",
       "sock.settimeout(line_timeout)", "sock.setblocking(False)",
       "tests/test_units.py::test_idle_answers_split_across_reads_are_read_whole"),
+    m("fetch-fast-reading-unquotes",
+      "the fast reading of a FETCH response gives exactly what the tokenizer gives, quoted strings marked as such",
+      "mailsync/fetch.py", "_add",
+      "value = _Quoted(value[1:-1])", "value = value[1:-1]",
+      "tests/test_fetch.py::test_the_fast_reading_of_common_responses_agrees_with_the_tokenizer"),
 ]
 
 
