@@ -229,8 +229,9 @@ def _items(parts: list, where: str) -> dict[bytes, object]:
 # literal, which is BODY[]. A subset of what _parsed reads, with the same result (a test compares
 # the two on generated responses); everything else goes to _parsed.
 _VALUE = rb'(?:\d+|\((?:\\?[^\s()"{}\[\]\\]+(?: \\?[^\s()"{}\[\]\\]+)*)?\)|"[^"\\\r\n]*")'
-_ITEM = re.compile(rb"([A-Za-z0-9.]+) (" + _VALUE + rb")")
-_ITEM_SRC = rb"[A-Za-z0-9.]+ " + _VALUE
+_NAME = rb"[A-Za-z0-9.]+"
+_ITEM = re.compile(rb"(" + _NAME + rb") (" + _VALUE + rb")")
+_ITEM_SRC = _NAME + rb" " + _VALUE
 _WHOLE = re.compile(rb"\((" + _ITEM_SRC + rb"(?: " + _ITEM_SRC + rb")*)\)[ \t]*")
 _BEFORE_BODY = re.compile(rb"\(((?:" + _ITEM_SRC + rb" )*)BODY\[\] ")
 _AFTER_BODY = re.compile(rb"((?: " + _ITEM_SRC + rb")*)\)[ \t]*")

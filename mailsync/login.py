@@ -41,11 +41,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
 
-
 def _imapclient_version_module() -> None:
     """Give imapclient its `version` module before it is imported. Its own asks importlib.metadata
     for the installed version, which loads importlib.metadata, zipfile and email and reads
-    site-packages: about 25 ms of a 100 ms no-change run. The same version is read here from the
+    site-packages: 9 ms of the imports of a no-change run. The same version is read here from the
     name of imapclient's .dist-info directory, one listing of the directory it is installed in;
     if that does not find exactly one, imapclient's own module runs as usual."""
     import importlib.util
@@ -63,11 +62,12 @@ def _imapclient_version_module() -> None:
                  if n.lower().startswith("imapclient-") and n.endswith(".dist-info")]
     except OSError:
         return
-    if len(found) != 1 or len(found[0].split(".")) != 3 or not all(p.isdigit() for p in found[0].split(".")):
+    parts = found[0].split(".") if len(found) == 1 else []
+    if len(parts) != 3 or not all(p.isdigit() for p in parts):
         return
     module = types.ModuleType("imapclient.version")
     module.version = found[0]
-    module.version_info = (*(int(p) for p in found[0].split(".")), "final")
+    module.version_info = (*map(int, parts), "final")
     sys.modules["imapclient.version"] = module
 
 
